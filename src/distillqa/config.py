@@ -1,0 +1,201 @@
+"""Pydantic schemas for every command's YAML config, with dotted `--set key=value` overrides.
+
+One schema per command (as TRL pairs a config with each trainer); the field descriptions are
+the documentation: `distillqa config-docs` prints them. Unknown keys and invalid values are
+rejected with a message that names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distillqa.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="Registry name (`distillqa models`), Hugging Face hub id, local model directory, "
+        "finished run directory, or `<model>@layers=<spec>` for a layer-pruned student.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (off unless asked for).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: fp32 on CPU (bf16 is far slower there), bf16 on a GPU that supports it."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class DataConfig(Section):
+    source: str = Field("bundled:telecom-sample", description="A data file path, or `bundled:telecom-sample`.")
+    format: Literal["auto", "jsonl", "squad", "cqa"] = Field("auto", description="File format; `auto` guesses from the file.")
+    explanations: str | None = Field(None, description="CoS-E jsonl to join onto CommonsenseQA by id.")
+    include_unanswerable: bool = Field(False, description="Keep SQuAD-style unanswerable questions (left out of generative QA by default).")
+    on_bad_answer: Literal["error", "skip"] = Field(
+        "skip", description="SQuAD-style answers that are empty or whose offset does not match the context: stop with an error, or drop and count them."
+    )
+    split_fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="Train/validation/test fractions, grouped by context.")
+    split_seed: int = Field(0, description="Seed of the split.")
+    max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training examples (first by id order of the split).")
+    max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many validation/test examples.")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v):
+        if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError("must be three non-negative numbers that sum to 1")
+        if v[0] == 0:
+            raise ValueError("the training fraction must be positive")
+        return v
+
+
+class PromptConfig(Section):
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="`auto`: the model's chat template if it has one, else the plain template."
+    )
+    instruction: str = Field(
+        "Answer the question using the context. Reply with the answer only.",
+        description="Instruction placed before the context and question.",
+    )
+    max_length: int = Field(512, ge=32, description="Maximum tokens of prompt + answer; longer contexts are truncated (see docs).")
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(True, description="Train LoRA adapters (true) or all weights (false).")
+    preset: Literal["custom", "paper"] = Field("custom", description="`paper`: the studies' r=256, alpha=8, dropout=0.1 (explicit fields still win).")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Names of the linear layers that get adapters.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("preset") == "paper":
+            return {"r": 256, "alpha": 8.0, "dropout": 0.1, **v}
+        return v
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch (per device).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
+    seed: int = Field(0, description="Seed for data order, dropout and initialisation of new weights.")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the newest).")
+    log_every: int = Field(10, ge=1, description="Log the training loss every this many steps.")
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per answer.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch (left-padded, KV-cached).")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (with do_sample).")
+    seed: int = Field(0, description="Sampling seed.")
+
+
+class SFTConfig(Section):
+    """`distillqa sft`: supervised fine-tuning on answer tokens."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = Field("runs/sft", description="Run directory (config, log, checkpoints, final model).")
+
+
+class GenerateConfig(Section):
+    """`distillqa generate`: answers for one split, written to predictions.jsonl."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    split: Literal["train", "validation", "test"] = Field("test", description="Which split to answer.")
+    output_dir: str = Field("runs/generate", description="Directory for predictions.jsonl.")
+
+
+class DemoConfig(Section):
+    """`distillqa demo`: SFT a model on the bundled sample and compare answers before and after."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    output_dir: str = Field("runs/demo", description="Directory for the demo's runs and results.")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` overrides; values are parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-4")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    return raw
+
+
+def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build `schema` from an optional YAML file plus overrides, with errors that name the key."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of keys to values")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(schema, raw, source=str(path) if path else "config")
+
+
+def validate_config(schema: type[C], raw: dict, source: str = "config") -> C:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,132 @@
+"""Prompts, answer-only loss masks and the context truncation rule.
+
+Template: the model's chat template when it has one (the question is the user turn, the
+answer the assistant turn); otherwise the plain template
+
+    {instruction}
+
+    Context: {context}
+
+    Question: {question}
+
+    Answer: {answer}<eos>
+
+Truncation (only the context is ever shortened, never the question or the answer):
+- training: if prompt + answer exceed `max_length`, keep the window of context tokens centred
+  on the first occurrence of the answer in the context (the start of the context if the
+  answer does not occur in it), as large as fits;
+- inference: keep the start of the context, leaving room for `max_new_tokens`;
+- an example that does not fit even with an empty context is skipped and counted.
+Labels are -100 on every prompt token, so the training loss covers answer tokens (and the
+closing end-of-sequence token) only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distillqa.data.records import QAExample
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    id: str
+    input_ids: list[int]
+    labels: list[int]  # same length as input_ids; IGNORE on prompt tokens
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, template: str = "auto", instruction: str = "", max_length: int = 512):
+        self.tok = tokenizer
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if template == "chat" and not has_chat:
+            raise ValueError("prompt.template is 'chat' but the tokenizer has no chat template; use 'auto' or 'plain'")
+        self.chat = template == "chat" or (template == "auto" and has_chat)
+        self.instruction = instruction
+        self.max_length = max_length
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no end-of-sequence token, which answers need")
+
+    def user_text(self, ex: QAExample, context: str) -> str:
+        parts = [self.instruction] if self.instruction else []
+        if context:
+            parts.append(f"Context: {context}")
+        parts.append(f"Question: {ex.question}")
+        if ex.choices:
+            parts.append("Choices: " + "; ".join(ex.choices))
+        return "\n\n".join(parts)
+
+    def prompt_text(self, ex: QAExample, context: str) -> str:
+        user = self.user_text(ex, context)
+        if self.chat:
+            return self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        return f"{user}\n\nAnswer:"
+
+    def _prompt_ids(self, ex: QAExample, context: str) -> list[int]:
+        # Chat templates write their own special tokens; the plain template gets the usual BOS.
+        return self.tok(self.prompt_text(ex, context), add_special_tokens=not self.chat)["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        text = answer.strip() if self.chat else " " + answer.strip()
+        return self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+
+    def fit_prompt(self, ex: QAExample, budget: int, anchor: str | None) -> list[int] | None:
+        """Prompt ids within `budget` tokens, shortening the context around `anchor` if needed."""
+        ids = self._prompt_ids(ex, ex.context)
+        if len(ids) <= budget:
+            return ids
+        if len(self._prompt_ids(ex, "")) > budget:
+            return None
+        enc = self.tok(ex.context, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        n = len(offsets)
+        keep = max(1, n - (len(ids) - budget))
+        centre = 0
+        if anchor and (pos := ex.context.find(anchor)) >= 0:
+            centre = next((i for i, (s, e) in enumerate(offsets) if e > pos), 0)
+        while keep > 0:
+            start = 0 if anchor is None or centre == 0 else min(max(0, centre - keep // 2), n - keep)
+            window = ex.context[offsets[start][0] : offsets[start + keep - 1][1]]
+            ids = self._prompt_ids(ex, window)
+            if len(ids) <= budget:
+                return ids
+            keep -= max(1, len(ids) - budget)
+        return self._prompt_ids(ex, "")
+
+    def encode_train(self, ex: QAExample, answer: str | None = None) -> Encoded | None:
+        """Prompt + answer with an answer-only label mask; None if it cannot fit `max_length`."""
+        answer = answer if answer is not None else ex.answers[0]
+        ans = self.answer_ids(answer)
+        prompt = self.fit_prompt(ex, self.max_length - len(ans), anchor=answer)
+        if prompt is None:
+            return None
+        return Encoded(ex.id, prompt + ans, [IGNORE] * len(prompt) + ans)
+
+    def encode_prompt(self, ex: QAExample, max_new_tokens: int) -> list[int] | None:
+        return self.fit_prompt(ex, self.max_length - max_new_tokens, anchor=None)
+
+
+def collate_right(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded training batch: input_ids, attention_mask, labels."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_left(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,95 @@
+"""Batched, KV-cached generation that writes predictions.jsonl (id, prompt, prediction, references).
+
+Prompts are sorted by length and left-padded. Finished batches are appended to
+`predictions.partial.jsonl`, so a killed run continues where it stopped and never generates
+an answer twice; the complete file is renamed to `predictions.jsonl` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from distillqa.config import GenerateConfig, GenerationConfig, dump_config
+from distillqa.data import load_splits
+from distillqa.data.prompts import PromptBuilder, collate_left
+from distillqa.data.records import QAExample
+from distillqa.io import append_jsonl, read_partial_jsonl, write_jsonl, write_text
+from distillqa.models.registry import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_predictions(
+    model, tok, builder: PromptBuilder, examples: list[QAExample], cfg: GenerationConfig, out_path: str | Path, desc: str = "generate"
+) -> Path:
+    out_path = Path(out_path)
+    if out_path.is_file():
+        return out_path
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.stem + ".partial.jsonl")
+    done_rows = read_partial_jsonl(partial)
+    write_jsonl(partial, done_rows)  # drops a torn last line before appending again
+    done = {r["id"] for r in done_rows}
+
+    todo, skipped = [], []
+    for ex in examples:
+        if ex.id in done:
+            continue
+        ids = builder.encode_prompt(ex, cfg.max_new_tokens)
+        if ids is None:
+            skipped.append(ex)
+        else:
+            todo.append((ex, ids))
+    # A prompt that cannot fit even without its context still gets a row: an empty prediction.
+    append_jsonl(partial, [_row(ex, "", builder, "prompt too long for prompt.max_length") for ex in skipped])
+    todo.sort(key=lambda item: len(item[1]), reverse=True)
+
+    model.eval()
+    device = next(model.parameters()).device
+    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    if cfg.do_sample:
+        gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    for start in tqdm(range(0, len(todo), cfg.batch_size), desc=desc, unit="batch"):
+        chunk = todo[start : start + cfg.batch_size]
+        batch = {k: v.to(device) for k, v in collate_left([ids for _, ids in chunk], tok.pad_token_id).items()}
+        if cfg.do_sample:
+            torch.manual_seed(cfg.seed + start)
+        out = model.generate(**batch, **gen_kwargs, use_cache=True)
+        texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        append_jsonl(partial, [_row(ex, text.strip(), builder) for (ex, _), text in zip(chunk, texts)])
+
+    rows = {r["id"]: r for r in read_partial_jsonl(partial)}
+    write_jsonl(out_path, [rows[ex.id] for ex in examples])
+    partial.unlink()
+    return out_path
+
+
+def _row(ex: QAExample, prediction: str, builder: PromptBuilder, note: str | None = None) -> dict:
+    row = {"id": ex.id, "question": ex.question, "prompt": builder.user_text(ex, ex.context), "prediction": prediction,
+           "references": list(ex.answers)}
+    if ex.context:
+        row["context"] = ex.context
+    if note:
+        row["note"] = note
+    return row
+
+
+def run_generate(cfg: GenerateConfig) -> Path:
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "generate_config.yaml", dump_config(cfg))
+    splits, _ = load_splits(cfg.data)
+    tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    model = load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length)
+    return generate_predictions(model, tok, builder, splits[cfg.split], cfg.generation, out_dir / "predictions.jsonl")

@@ -1,0 +1,69 @@
+"""Score a predictions.jsonl: per-example scores (scores.jsonl) and a summary (summary.json).
+
+Both files are written next to the predictions, atomically. Metrics already present in
+scores.jsonl are kept and not recomputed, so metrics can be added to a finished evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from distillqa.errors import DataError
+from distillqa.io import read_jsonl, write_json, write_jsonl
+from distillqa.metrics.registry import METRICS, resolve_metrics
+from distillqa.metrics.summary import summarize
+
+
+def read_predictions(path: Path) -> list[dict]:
+    rows, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), f"line {lineno}", None, f"invalid JSON: {e.msg}") from None
+            where = f"line {lineno} (id '{row.get('id')}')"
+            if not isinstance(row.get("id"), str) or not row["id"]:
+                raise DataError(str(path), f"line {lineno}", "id", "missing or empty")
+            if row["id"] in seen:
+                raise DataError(str(path), where, "id", f"duplicate of line {seen[row['id']]}")
+            seen[row["id"]] = lineno
+            if not isinstance(row.get("prediction"), str):
+                raise DataError(str(path), where, "prediction", "missing or not a string")
+            refs = row.get("references")
+            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+                raise DataError(str(path), where, "references", "must be a non-empty list of strings")
+            rows.append(row)
+    return rows
+
+
+def evaluate_predictions(predictions: str | Path, metrics: str | list[str] = "default") -> dict:
+    """Score `predictions` (a file, or a directory holding predictions.jsonl); returns the summary."""
+    path = Path(predictions)
+    if path.is_dir():
+        path = path / "predictions.jsonl"
+    if not path.is_file():
+        raise DataError(str(path), None, None, "no such predictions file")
+    rows = read_predictions(path)
+    scores_path, summary_path = path.with_name("scores.jsonl"), path.with_name("summary.json")
+    old = {r["id"]: r for r in read_jsonl(scores_path)} if scores_path.is_file() else {}
+    if old and set(old) != {r["id"] for r in rows}:
+        old = {}  # the predictions changed since these scores were written
+    table = [{"id": r["id"], **{k: v for k, v in old.get(r["id"], {}).items() if k in METRICS}} for r in rows]
+    preds, refs = [r["prediction"] for r in rows], [r["references"] for r in rows]
+    for metric in tqdm(resolve_metrics(metrics), desc="evaluate", unit="metric"):
+        if old and all(metric.name in t for t in table):
+            continue
+        for t, s in zip(table, metric.score(preds, refs)):
+            t[metric.name] = s
+    write_jsonl(scores_path, table)
+    names = [m for m in METRICS if all(m in t for t in table)]
+    summary = {"predictions": str(path), "n": len(rows), "empty_predictions": sum(not p.strip() for p in preds),
+               "metrics": {m: summarize([t[m] for t in table]) for m in names}}
+    write_json(summary_path, summary)
+    return summary

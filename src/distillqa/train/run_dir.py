@@ -1,0 +1,98 @@
+"""Run directories: resolved config, log, checkpoints and the final model.
+
+    RUN/
+      config.yaml        the resolved config of the run
+      run.json           kind, base model, status (running | finished), steps
+      log.jsonl          one line per logged step
+      checkpoints/step-00000050/   trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
+      final/             adapter/ (LoRA) or model/ (full), plus the tokenizer
+
+A new run refuses a directory that already holds a run; `resume=True` continues an
+unfinished one from its newest checkpoint (and refuses if its config differs). Checkpoints
+and `final/` are written to a temporary directory and renamed, so a kill leaves none half-done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from distillqa.errors import RunDirError
+from distillqa.io import append_jsonl, atomic_path, write_json, write_text
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def info(self) -> dict:
+        return json.loads((self.path / "run.json").read_text())
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "run.json").is_file() and self.info.get("status") == "finished"
+
+    @classmethod
+    def open(cls, path: str | Path, config_yaml: str, kind: str, base_model: str, resume: bool) -> "RunDir":
+        """Create a run directory, or reopen an existing one for `resume`."""
+        run = cls(path)
+        if (run.path / "run.json").is_file():
+            status = run.info.get("status")
+            if not resume:
+                hint = "choose another output directory or delete it" if status == "finished" else "pass --resume to continue it"
+                raise RunDirError(f"{run.path} already holds a {status} {run.info.get('kind')} run; {hint}")
+            old = yaml.safe_load((run.path / "config.yaml").read_text())
+            new = yaml.safe_load(config_yaml)
+            diff = _diff_keys(old, new)
+            if diff:
+                raise RunDirError(f"cannot resume {run.path}: its config differs in {', '.join(diff)}")
+            return run
+        if run.path.exists() and any(run.path.iterdir()):
+            raise RunDirError(f"{run.path} exists, is not empty and is not a distillqa run directory")
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text(run.path / "config.yaml", config_yaml)
+        write_json(run.path / "run.json", {"kind": kind, "base_model": base_model, "status": "running", "created": time.time()})
+        return run
+
+    def log(self, row: dict) -> None:
+        append_jsonl(self.path / "log.jsonl", [row])
+
+    def update(self, **fields) -> None:
+        write_json(self.path / "run.json", {**self.info, **fields})
+
+    # --- checkpoints -------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        root = self.path / "checkpoints"
+        return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step-{step:08d}"
+
+    def prune_checkpoints(self, keep: int) -> None:
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def write_final(self, save) -> None:
+        """Call `save(tmp_dir)` and move the result to final/ atomically, then mark the run finished."""
+        with atomic_path(self.path / "final") as tmp:
+            tmp.mkdir()
+            save(tmp)
+        self.update(status="finished", finished=time.time())
+
+
+def _diff_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]

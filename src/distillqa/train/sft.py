@@ -1,0 +1,52 @@
+"""`distillqa sft`: supervised fine-tuning (cross-entropy on answer tokens) as the loop's first objective."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from distillqa.config import SFTConfig, dump_config
+from distillqa.data import load_splits
+from distillqa.data.prompts import PromptBuilder
+from distillqa.models.lora import apply_lora
+from distillqa.models.registry import load_model, load_tokenizer
+from distillqa.train.loop import train
+from distillqa.train.objectives import SFTObjective
+from distillqa.train.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def encode_split(builder: PromptBuilder, examples) -> tuple[list, int]:
+    """Encode training examples; returns (encoded, number skipped because they cannot fit)."""
+    encoded = [builder.encode_train(ex) for ex in examples]
+    kept = [e for e in encoded if e is not None]
+    return kept, len(encoded) - len(kept)
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
+    """Fine-tune `cfg.model` on the training split; returns the finished run directory."""
+    # Data and tokenizer first: bad input fails before a run directory is created.
+    splits, report = load_splits(cfg.data)
+    tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length)
+    data, skipped = encode_split(builder, splits["train"])
+    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="sft", base_model=cfg.model.name, resume=resume)
+    if run.finished:
+        log.info("%s is already finished; nothing to do", run.path)
+        return run.path
+    run.update(data=report.summary(), train_examples=len(data), skipped_too_long=skipped)
+    model = apply_lora(load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code), cfg.lora)
+    train(model, SFTObjective(), data, cfg.train, run, tok.pad_token_id)
+    save_final(run, model, tok, lora=cfg.lora.enabled)
+    return run.path
+
+
+def save_final(run: RunDir, model, tok, lora: bool) -> None:
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if not lora:
+            tok.save_pretrained(tmp / "model")
+
+    run.write_final(save)

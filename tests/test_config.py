@@ -1,0 +1,42 @@
+import pytest
+
+from distillqa.config import DemoConfig, LoraConfig, SFTConfig, apply_overrides, load_config
+from distillqa.errors import ConfigError
+
+
+def test_defaults_and_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.001\nmodel: gemma3-270m\n")
+    cfg = load_config(SFTConfig, path, ["train.batch_size=2", "lora.target_modules=[q_proj, v_proj]", "train.max_grad_norm=null"])
+    assert cfg.model.name == "gemma3-270m"
+    assert cfg.train.lr == 0.001 and cfg.train.batch_size == 2 and cfg.train.max_grad_norm is None
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lrate: unknown key"):
+        load_config(SFTConfig, None, ["train.lrate=1"])
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(ConfigError, match=r"train\.lr: .*greater than 0"):
+        load_config(SFTConfig, None, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"data\.split_fractions: .*sum to 1"):
+        load_config(DemoConfig, None, ["data.split_fractions=[0.5, 0.5, 0.5]"])
+
+
+def test_bad_yaml_and_bad_override_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(SFTConfig, bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(SFTConfig, tmp_path / "missing.yaml")
+
+
+def test_lora_paper_preset_and_explicit_fields_win():
+    paper = LoraConfig.model_validate({"preset": "paper"})
+    assert (paper.r, paper.alpha, paper.dropout) == (256, 8.0, 0.1)
+    assert LoraConfig.model_validate({"preset": "paper", "r": 8}).r == 8

@@ -1,0 +1,43 @@
+import json
+
+import torch
+
+from distillqa.config import GenerationConfig
+from distillqa.data import load_examples
+from distillqa.data.prompts import PromptBuilder
+from distillqa.generate import generate_predictions
+from distillqa.io import append_jsonl
+from distillqa.models.registry import load_model, load_tokenizer
+
+
+def setup(model_name):
+    tok = load_tokenizer(model_name)
+    return load_model(model_name), tok, PromptBuilder(tok, "auto", "Answer.", max_length=256)
+
+
+def test_batched_generation_matches_one_by_one(tiny_model, tmp_path):
+    model, tok, builder = setup(tiny_model)
+    exs = load_examples("bundled:telecom-sample")[0][:5]
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=4)
+    rows = [json.loads(x) for x in generate_predictions(model, tok, builder, exs, cfg, tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [e.id for e in exs]
+    assert rows[0]["references"] == list(exs[0].answers) and exs[0].question in rows[0]["prompt"]
+    for ex, row in zip(exs, rows):  # left padding must not change greedy answers
+        ids = torch.tensor([builder.encode_prompt(ex, 6)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["prediction"]
+
+
+def test_generation_resumes_without_redoing_answers(tiny_model, tmp_path):
+    model, tok, builder = setup(tiny_model)
+    exs = load_examples("bundled:telecom-sample")[0][:4]
+    out = tmp_path / "predictions.jsonl"
+    partial = tmp_path / "predictions.partial.jsonl"
+    append_jsonl(partial, [{"id": exs[0].id, "prediction": "kept from before", "references": ["x"]}])
+    with open(partial, "a") as f:
+        f.write('{"id": "torn')  # a crash mid-line
+    generate_predictions(model, tok, builder, exs, GenerationConfig(max_new_tokens=4), out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [e.id for e in exs] and rows[0]["prediction"] == "kept from before"
+    assert not partial.exists()

@@ -1,0 +1,34 @@
+"""The real bundled models, offline: load, SFT a few steps, generate; derive the 15-layer student."""
+
+import json
+
+import pytest
+
+from distillqa.config import GenerateConfig, SFTConfig, load_config
+from distillqa.generate import run_generate
+from distillqa.models.registry import load_model, load_tokenizer
+from distillqa.train.sft import run_sft
+
+pytestmark = pytest.mark.real_models
+
+
+@pytest.mark.parametrize("name, vocab, layers, chat", [("smollm2-135m", 49152, 30, True), ("gemma3-270m", 262144, 18, False)])
+def test_sft_and_generate_offline(name, vocab, layers, chat, tmp_path):
+    tok = load_tokenizer(name)
+    assert len(tok) >= vocab and bool(tok.chat_template) == chat
+    common = [f"model.name={name}", "data.max_train_examples=8", "data.max_eval_examples=4", "prompt.max_length=256"]
+    run = run_sft(load_config(SFTConfig, None, common + [f"output_dir={tmp_path}/sft", "train.max_steps=2",
+                                                         "train.batch_size=2", "lora.r=4"]))
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert load_model(str(run)).config.num_hidden_layers == layers
+    out = run_generate(load_config(GenerateConfig, None, common[:1] + common[2:] + [
+        f"model.name={run}", f"output_dir={tmp_path}/gen", "generation.max_new_tokens=8", "generation.batch_size=4"]))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 and sum(bool(r["prediction"]) for r in rows) >= 3
+
+
+def test_smollm2_student_has_15_layers_and_answers():
+    student = load_model("smollm2-135m@layers=every-other")
+    assert student.config.num_hidden_layers == 15 and student.config.vocab_size == 49152
+    n_params = sum(p.numel() for p in student.parameters())
+    assert 70e6 < n_params < 90e6
