@@ -19,7 +19,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int = 0, vocab: int = 512, hidden: int = 32) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer trained on the bundled sample."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -33,13 +33,13 @@ def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int =
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|user|>", "<|assistant|>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>")
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=True)
@@ -52,6 +52,12 @@ def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int =
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "plain"))
+
+
+@pytest.fixture(scope="session")
+def tiny_other_vocab_model(tmp_path_factory) -> str:
+    """A wider tiny model with a different (smaller) tokenizer: a different-vocabulary teacher."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "other", vocab=300, hidden=48, seed=1))
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,17 @@ def sft(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
+def distill(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt,
+            resume: bool = typer.Option(False, help="Continue an unfinished run from its newest checkpoint.")) -> None:
+    """Distil a student from a frozen teacher (vanilla KD, DSKD, DSKD-CMA, ULD)."""
+    from distillqa.config import DistillConfig, load_config
+    from distillqa.train.distill import run_distill
+
+    path = _guard(lambda: run_distill(load_config(DistillConfig, config, set_), resume=resume))
+    typer.echo(f"finished: {path}")
+
+
+@app.command()
 def generate(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Answer one split's questions and write predictions.jsonl."""
     from distillqa.config import GenerateConfig, load_config

@@ -137,6 +137,35 @@ class GenerateConfig(Section):
     output_dir: str = Field("runs/generate", description="Directory for predictions.jsonl.")
 
 
+class KDConfig(Section):
+    algorithm: Literal["vanilla", "dskd", "dskd-cma", "uld"] = Field(
+        "vanilla", description="vanilla and dskd need one tokenizer for both models; dskd-cma and uld work across vocabularies."
+    )
+    divergence: Literal[
+        "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd", "adaptive_kl", "generalized_jsd"
+    ] = Field("forward_kl", description="Token-level divergence for vanilla KD and for the DSKD student-space term.")
+    kd_rate: float = Field(0.5, ge=0, le=1, description="r in loss = (1 - r) * CE + r * KD.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature applied to teacher and student logits alike.")
+    skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed KL divergences.")
+    beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD.")
+    head_mass: float = Field(0.5, gt=0, lt=1, description="mu of adaptive KL: teacher mass that makes up the head.")
+    chunk_size: int | None = Field(64, ge=1, description="Answer tokens projected to the vocabulary at a time (null: all at once).")
+    projector_lr: float = Field(1e-3, gt=0, description="Learning rate of the DSKD projectors.")
+
+
+class DistillConfig(Section):
+    """`distillqa distill`: distil a student from a frozen teacher."""
+
+    teacher: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=every-other"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    output_dir: str = Field("runs/distill", description="Run directory (config, log, checkpoints, final student).")
+
+
 class DemoConfig(Section):
     """`distillqa demo`: SFT a model on the bundled sample and compare answers before and after."""
 

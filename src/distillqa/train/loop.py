@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -21,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distillqa.config import TrainConfig
-from distillqa.data.prompts import Encoded, collate_right
 from distillqa.errors import DistillQAError
 from distillqa.io import atomic_path, write_json
 from distillqa.train.run_dir import RunDir
@@ -72,16 +72,17 @@ def trainable_state(model: nn.Module, objective: nn.Module) -> dict[str, nn.Para
 def train(
     model: nn.Module,
     objective: nn.Module,
-    data: list[Encoded],
+    data: list,
     cfg: TrainConfig,
     run: RunDir,
-    pad_id: int,
+    collate: Callable[[list], dict[str, torch.Tensor]],
     param_groups: list[dict] | None = None,
 ) -> dict:
     """Train `model` with `objective` on `data`, checkpointing into `run`; resumes if `run` has a checkpoint.
 
-    `param_groups` lets an objective give its own modules their own learning rate; by default
-    every trainable parameter of the model and the objective gets `cfg.lr`.
+    `collate` turns a list of data items into a batch of tensors. `param_groups` lets an
+    objective give its own modules their own learning rate; by default every trainable
+    parameter of the model and the objective gets `cfg.lr`.
     """
     if not data:
         raise DistillQAError("no training examples left after encoding (all too long for prompt.max_length?)")
@@ -107,7 +108,7 @@ def train(
     for step in bar:
         step_loss, logs = 0.0, {}
         for k in range(cfg.grad_accum):
-            batch = collate_right([data[i] for i in schedule[step * cfg.grad_accum + k]], pad_id)
+            batch = collate([data[i] for i in schedule[step * cfg.grad_accum + k]])
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             loss, logs = objective(model, batch)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from distillqa.config import SFTConfig, dump_config
 from distillqa.data import load_splits
-from distillqa.data.prompts import PromptBuilder
+from distillqa.data.prompts import PromptBuilder, collate_right
 from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train.loop import train
@@ -37,16 +38,20 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         return run.path
     run.update(data=report.summary(), train_examples=len(data), skipped_too_long=skipped)
     model = apply_lora(load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code), cfg.lora)
-    train(model, SFTObjective(), data, cfg.train, run, tok.pad_token_id)
+    train(model, SFTObjective(), data, cfg.train, run, partial(collate_right, pad_id=tok.pad_token_id))
     save_final(run, model, tok, lora=cfg.lora.enabled)
     return run.path
 
 
-def save_final(run: RunDir, model, tok, lora: bool) -> None:
+def save_final(run: RunDir, model, tok, lora: bool, extra=None) -> None:
+    """Write final/: the adapter (LoRA) or the whole model, the tokenizer, and `extra(tmp)` if given."""
+
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
         tok.save_pretrained(tmp)
         if not lora:
             tok.save_pretrained(tmp / "model")
+        if extra:
+            extra(tmp)
 
     run.write_final(save)

@@ -1,0 +1,143 @@
+"""Dual-Space Knowledge Distillation (Zhang et al. 2024), for the same vocabulary and, with
+cross-model attention (CMA), for different vocabularies.
+
+Both add to the student's cross-entropy a KD term made of three parts, each averaged over
+answer tokens: loss = (1 - r) * CE(student) + r * (CE_t2s + KD_t2s + KD_s2t).
+- teacher space -> student space: t2s_logits = t2s(h_T) @ W_student_head^T (head detached);
+  CE_t2s = CE(t2s_logits, y) trains the projector; KD_t2s = D(t2s_logits || student), with the
+  t2s side detached, teaches the student (for CMA only where argmax t2s_logits = y);
+- student space -> teacher space: s2t_logits = teacher_head(s2t(h_S)); KD_s2t =
+  KL(teacher || s2t_logits) teaches the student through the frozen teacher head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillqa.data.prompts import IGNORE
+from distillqa.train.kd import FrozenTeacher, aligned_answer_states, pack_rows
+from distillqa.train.losses import Divergence, ForwardKL, chunked_mean
+from distillqa.train.objectives import answer_states, causal_lm_parts, project_to_vocab
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size
+
+
+def student_space_logits(student: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Project hidden states through the student head with the head detached (only the input trains)."""
+    _, head, _ = causal_lm_parts(student)
+    return F.linear(hidden, head.weight.detach()).float()
+
+
+class DSKD(FrozenTeacher):
+    """DSKD for a teacher and student that share a tokenizer (same answer positions)."""
+
+    def __init__(self, teacher, student, divergence: Divergence, kd_rate: float, chunk: int | None):
+        super().__init__(teacher)
+        d_t, d_s = hidden_size(teacher), hidden_size(student)
+        self.t2s, self.s2t = nn.Linear(d_t, d_s), nn.Linear(d_s, d_t)
+        self.divergence, self.kd_rate, self.chunk = divergence, kd_rate, chunk
+        self.teacher_kl = ForwardKL(divergence.temperature)
+
+    def forward(self, student, batch):
+        h_s, y = answer_states(student, batch)
+        with torch.no_grad():
+            h_t, _ = answer_states(self.teacher, batch)
+
+        def per_token(hs, ht, yy):
+            logits_s = project_to_vocab(student, hs)
+            t2s = student_space_logits(student, self.t2s(ht))
+            with torch.no_grad():
+                logits_t = project_to_vocab(self.teacher, ht)
+            s2t = project_to_vocab(self.teacher, self.s2t(hs))
+            return torch.stack([
+                F.cross_entropy(logits_s, yy, reduction="none"),
+                F.cross_entropy(t2s, yy, reduction="none"),
+                self.divergence(logits_s, t2s.detach()),
+                self.teacher_kl(s2t, logits_t),
+            ], dim=-1)
+
+        ce, t2s_ce, t2s_kd, s2t_kd = chunked_mean(per_token, (h_s, h_t, y), self.chunk)
+        kd = t2s_ce + t2s_kd + s2t_kd
+        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
+        return loss, {"ce": ce.item(), "kd": kd.item(), "t2s_ce": t2s_ce.item(), "t2s_kd": t2s_kd.item(), "s2t_kd": s2t_kd.item()}
+
+
+def _answer_token_embeddings(model: nn.Module, batch, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Input-token and target-token embeddings at each answer position, packed like the states."""
+    ids, labels = batch[prefix + "input_ids"], batch[prefix + "labels"]
+    embed = causal_lm_parts(model)[0].get_input_embeddings()
+    keep = labels[:, 1:] != IGNORE
+    return pack_rows(embed(ids[:, :-1]), keep)[0], pack_rows(embed(ids[:, 1:]), keep)[0]
+
+
+def _std_normalise(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return x / x[valid].std().clamp_min(1e-6)
+
+
+class DSKDCrossModelAttention(FrozenTeacher):
+    """DSKD with cross-model attention for teachers with a different tokenizer.
+
+    Each model tokenises the same text itself. Queries are the student's [input ; target]
+    token embeddings (projected to the teacher's width), keys the teacher's; attention runs
+    only between answer positions (padding and prompt are masked on both sides) and aligns the
+    two token sequences. Values: t2s(normalised teacher state + target embedding) for the
+    teacher -> student direction, s2t(student state) for the reverse (transposed attention).
+    """
+
+    def __init__(self, teacher, student, divergence: Divergence, kd_rate: float, chunk: int | None):
+        super().__init__(teacher)
+        d_t, d_s = hidden_size(teacher), hidden_size(student)
+        self.query = nn.Linear(2 * d_s, 2 * d_t)
+        self.t2s, self.s2t = nn.Linear(d_t, d_s), nn.Linear(d_s, d_t)
+        self.divergence, self.kd_rate, self.chunk = divergence, kd_rate, chunk
+        self.teacher_kl = ForwardKL(divergence.temperature)
+
+    def align(self, student, batch):
+        """Attention weights [B, A_s, A_t] between answer positions, plus the packed states."""
+        h_s, valid_s, _ = aligned_answer_states(student, batch)
+        with torch.no_grad():
+            h_t, valid_t, _ = aligned_answer_states(self.teacher, batch, "teacher_")
+            input_t, target_t = _answer_token_embeddings(self.teacher, batch, "teacher_")
+            keys = _std_normalise(torch.cat([input_t, target_t], dim=-1), valid_t)
+            values_t = _std_normalise(h_t, valid_t) + _std_normalise(target_t, valid_t)
+        queries = self.query(torch.cat(_answer_token_embeddings(student, batch), dim=-1))
+        scores = queries @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
+        mask = valid_s[:, :, None] & valid_t[:, None, :]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores, h_s, valid_s, h_t, valid_t, values_t
+
+    def forward(self, student, batch):
+        scores, h_s, valid_s, h_t, valid_t, values_t = self.align(student, batch)
+        t2s_hidden = torch.softmax(scores, dim=-1) @ self.t2s(values_t)  # [B, A_s, D_s]
+        s2t_hidden = torch.softmax(scores.transpose(1, 2), dim=-1) @ self.s2t(h_s)  # [B, A_t, D_t]
+        y = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE]
+
+        def student_side(hs, t2s_h, yy):
+            logits_s = project_to_vocab(student, hs)
+            t2s = student_space_logits(student, t2s_h)
+            correct = (t2s.argmax(-1) == yy).float()
+            return torch.stack([
+                F.cross_entropy(logits_s, yy, reduction="none"),
+                F.cross_entropy(t2s, yy, reduction="none"),
+                self.divergence(logits_s, t2s.detach()) * correct,
+                correct,
+            ], dim=-1)
+
+        def teacher_side(s2t_h, ht):
+            with torch.no_grad():
+                logits_t = project_to_vocab(self.teacher, ht)
+            return self.teacher_kl(project_to_vocab(self.teacher, s2t_h), logits_t)
+
+        ce, t2s_ce, t2s_kd, t2s_acc = chunked_mean(student_side, (h_s[valid_s], t2s_hidden[valid_s], y), self.chunk)
+        s2t_kd = chunked_mean(teacher_side, (s2t_hidden[valid_t], h_t[valid_t]), self.chunk)
+        kd = t2s_ce + t2s_kd + s2t_kd
+        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
+        return loss, {"ce": ce.item(), "kd": kd.item(), "t2s_ce": t2s_ce.item(), "t2s_kd": t2s_kd.item(),
+                      "s2t_kd": s2t_kd.item(), "t2s_acc": t2s_acc.item()}

@@ -1,0 +1,19 @@
+from distillqa.train.losses.base import Divergence, kl, log_mix
+
+
+class GeneralizedJSD(Divergence):
+    """Generalized JSD (GKD, Agarwal et al. 2024): JSD_b(p || q) = b KL(p || m) + (1 - b) KL(q || m),
+    m = b p + (1 - b) q, with 0 < b < 1 (`beta`, 0.5 by default: the ordinary JS divergence).
+
+    As b -> 0, JSD_b / b -> KL(p || q) (forward KL); as b -> 1, JSD_b / (1 - b) -> KL(q || p).
+    """
+
+    def __init__(self, temperature: float = 1.0, beta: float = 0.5):
+        super().__init__(temperature)
+        if not 0 < beta < 1:
+            raise ValueError("generalized_jsd beta must be strictly between 0 and 1 (use forward_kl or reverse_kl for the limits)")
+        self.beta = beta
+
+    def per_token(self, student_logp, teacher_logp):
+        m = log_mix(teacher_logp, student_logp, self.beta)
+        return self.beta * kl(teacher_logp, m) + (1 - self.beta) * kl(student_logp, m)

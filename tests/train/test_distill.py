@@ -1,0 +1,113 @@
+"""Distillation objectives on tiny in-process models: shapes, masking, learning, resume, refusals."""
+
+import json
+
+import pytest
+import torch
+
+from distillqa.config import DistillConfig, load_config
+from distillqa.data import load_examples
+from distillqa.data.prompts import PromptBuilder
+from distillqa.errors import ConfigError
+from distillqa.models.registry import load_model, load_tokenizer
+from distillqa.train.distill import collate_pairs, run_distill
+from distillqa.train.dskd import DSKDCrossModelAttention
+from distillqa.train.kd import pack_rows, uld_distance
+from distillqa.train.losses import ForwardKL
+
+
+def cfg_for(teacher, student, out, algorithm, *extra):
+    return load_config(DistillConfig, None, [
+        f"teacher.name={teacher}", f"student.name={student}", f"output_dir={out}", f"kd.algorithm={algorithm}",
+        "data.max_train_examples=24", "train.batch_size=4", "train.lr=3e-3", "train.log_every=1",
+        "train.checkpoint_every=3", "prompt.max_length=160", "kd.chunk_size=7", *extra])
+
+
+def losses(run):
+    return [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["vanilla", "dskd"])
+def test_same_vocab_algorithms_lower_the_loss(tiny_model, tmp_path, algorithm):
+    run = run_distill(cfg_for(tiny_model, f"{tiny_model}@layers=every-other", tmp_path / "r", algorithm, "train.max_steps=24"))
+    got = losses(run)
+    assert sum(got[-4:]) / 4 < 0.9 * sum(got[:4]) / 4
+    assert (run / "final" / "adapter").is_dir()
+    if algorithm == "dskd":
+        assert (run / "final" / "projectors.safetensors").is_file()
+
+
+@pytest.mark.parametrize("algorithm", ["dskd-cma", "uld"])
+def test_cross_vocab_algorithms_lower_the_loss(tiny_model, tiny_other_vocab_model, tmp_path, algorithm):
+    run = run_distill(cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "r", algorithm, "train.max_steps=24", "lora.enabled=false"))
+    got = losses(run)
+    assert sum(got[-4:]) / 4 < 0.9 * sum(got[:4]) / 4
+
+
+def test_vanilla_refuses_different_tokenizers(tiny_model, tiny_other_vocab_model, tmp_path):
+    with pytest.raises(ConfigError, match="use 'dskd-cma' or 'uld'"):
+        run_distill(cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "r", "vanilla"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_distill_resumes_with_projector_state(tiny_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from distillqa.train import loop
+
+    args = (tiny_model, f"{tiny_model}@layers=every-other")
+    whole = run_distill(cfg_for(*args, tmp_path / "whole", "dskd", "train.max_steps=6"))
+    real = loop.save_checkpoint
+
+    def die_at_3(path, step, *a):
+        real(path, step, *a)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", die_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg_for(*args, tmp_path / "killed", "dskd", "train.max_steps=6"))
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    resumed = run_distill(cfg_for(*args, tmp_path / "killed", "dskd", "train.max_steps=6"), resume=True)
+    for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
+        a, b = load_file(str(whole / "final" / name)), load_file(str(resumed / "final" / name))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_pack_rows_moves_kept_positions_to_the_front():
+    values = torch.arange(12.0).reshape(2, 6)
+    keep = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    packed, valid = pack_rows(values, keep)
+    assert packed.tolist() == [[2, 3, 0], [7, 8, 9]] and valid.tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_uld_is_zero_for_permuted_distributions_and_pads_vocabularies():
+    a = torch.randn(3, 10)
+    assert uld_distance(a, a[:, torch.randperm(10)], 1.0).abs().max() < 1e-6
+    b = torch.randn(3, 25)
+    pa, pb = torch.softmax(a, -1).sort(-1, descending=True).values, torch.softmax(b, -1).sort(-1, descending=True).values
+    want = (torch.nn.functional.pad(pa, (0, 15)) - pb).abs().sum(-1)
+    torch.testing.assert_close(uld_distance(a, b, 1.0), want)
+
+
+def test_cma_attention_is_masked_to_answer_positions(tiny_model, tiny_other_vocab_model):
+    teacher, student = load_model(tiny_other_vocab_model), load_model(tiny_model)
+    tok_t, tok_s = load_tokenizer(tiny_other_vocab_model), load_tokenizer(tiny_model)
+    exs = load_examples("bundled:telecom-sample")[0][:3]
+    items = [(PromptBuilder(tok_s, max_length=160).encode_train(e), PromptBuilder(tok_t, max_length=160).encode_train(e)) for e in exs]
+    batch = collate_pairs(items, tok_s.pad_token_id, tok_t.pad_token_id)
+    cma = DSKDCrossModelAttention(teacher, student, ForwardKL(), 0.5, None)
+    scores, h_s, valid_s, h_t, valid_t, _ = cma.align(student, batch)
+    n_s = [sum(1 for t in s.labels[1:] if t != -100) for s, _ in items]
+    n_t = [sum(1 for t in t.labels[1:] if t != -100) for _, t in items]
+    assert valid_s.sum(1).tolist() == n_s and valid_t.sum(1).tolist() == n_t
+    assert scores.shape == (3, max(n_s), max(n_t)) and h_t.shape[-1] == 48 and h_s.shape[-1] == 32
+    weights = torch.softmax(scores, -1)
+    for b in range(3):  # each valid student position attends only to valid teacher positions
+        assert weights[b, : n_s[b], n_t[b]:].abs().max() == 0
+        torch.testing.assert_close(weights[b, : n_s[b], : n_t[b]].sum(-1), torch.ones(n_s[b]))
+    loss, logs = cma(student, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and cma.query.weight.grad.abs().sum() > 0 and cma.t2s.weight.grad.abs().sum() > 0
+    assert teacher.model.layers[0].mlp.up_proj.weight.grad is None
