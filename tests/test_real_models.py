@@ -32,3 +32,18 @@ def test_smollm2_student_has_15_layers_and_answers():
     assert student.config.num_hidden_layers == 15 and student.config.vocab_size == 49152
     n_params = sum(p.numel() for p in student.parameters())
     assert 70e6 < n_params < 90e6
+
+
+@pytest.mark.parametrize("teacher, algorithm", [
+    ("smollm2-135m", "vanilla"), ("smollm2-135m", "dskd"), ("gemma3-270m", "dskd-cma"), ("gemma3-270m", "uld")])
+def test_distill_real_teacher_into_15_layer_student(teacher, algorithm, tmp_path):
+    from distillqa.config import DistillConfig
+    from distillqa.train.distill import run_distill
+
+    run = run_distill(load_config(DistillConfig, None, [
+        f"teacher.name={teacher}", "student.name=smollm2-135m@layers=every-other", f"kd.algorithm={algorithm}",
+        f"output_dir={tmp_path}/kd", "data.max_train_examples=4", "train.max_steps=2", "train.batch_size=2",
+        "prompt.max_length=256", "lora.r=4"]))
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert all(row["kd"] >= 0 and row["loss"] > 0 for row in log)
+    assert load_model(str(run)).config.num_hidden_layers == 15

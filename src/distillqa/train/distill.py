@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from safetensors.torch import save_file
 
 from distillqa.config import DistillConfig, KDConfig, dump_config
@@ -78,6 +80,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
         return run.path
     run.update(data=report.summary(), train_examples=len(data), skipped_too_long=len(pairs) - len(data))
 
+    torch.manual_seed(cfg.train.seed)  # new weights (LoRA, projectors) start the same in every run
     teacher = load_model(cfg.teacher.name, cfg.teacher.precision, cfg.teacher.trust_remote_code)
     student = apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
     objective = make_objective(cfg.kd, teacher, student)

@@ -6,6 +6,8 @@ import logging
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from distillqa.config import SFTConfig, dump_config
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
@@ -37,6 +39,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         log.info("%s is already finished; nothing to do", run.path)
         return run.path
     run.update(data=report.summary(), train_examples=len(data), skipped_too_long=skipped)
+    torch.manual_seed(cfg.train.seed)  # new weights (LoRA, projectors) start the same in every run
     model = apply_lora(load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code), cfg.lora)
     train(model, SFTObjective(), data, cfg.train, run, partial(collate_right, pad_id=tok.pad_token_id))
     save_final(run, model, tok, lora=cfg.lora.enabled)
