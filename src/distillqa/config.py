@@ -173,7 +173,8 @@ class DemoConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    # A few minutes on a 2-core CPU: three passes over the ~120 training questions.
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4, checkpoint_every=10))
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output_dir: str = Field("runs/demo", description="Directory for the demo's runs and results.")
 
