@@ -41,3 +41,18 @@ def test_generation_resumes_without_redoing_answers(tiny_model, tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [e.id for e in exs] and rows[0]["prediction"] == "kept from before"
     assert not partial.exists()
+
+
+def test_merged_run_is_a_standalone_model_equal_to_the_adapter_run(tiny_model, tmp_path):
+    from distillqa.config import SFTConfig, load_config
+    from distillqa.models.lora import merge_run
+    from distillqa.train.sft import run_sft
+
+    run = run_sft(load_config(SFTConfig, None, [f"model.name={tiny_model}", f"output_dir={tmp_path}/run", "train.max_steps=3",
+                                                "train.lr=1e-2", "data.max_train_examples=8", "train.batch_size=4"]))
+    merge_run(str(run), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    ids = torch.tensor([[3, 8, 13, 21]])
+    merged, via_run, base = load_model(str(tmp_path / "merged")), load_model(str(run)), load_model(tiny_model)
+    torch.testing.assert_close(merged(ids).logits, via_run(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged(ids).logits, base(ids).logits)

@@ -112,3 +112,29 @@ def test_cma_attention_is_masked_to_answer_positions(tiny_model, tiny_other_voca
     loss.backward()
     assert torch.isfinite(loss) and cma.query.weight.grad.abs().sum() > 0 and cma.t2s.weight.grad.abs().sum() > 0
     assert teacher.model.layers[0].mlp.up_proj.weight.grad is None
+
+
+@pytest.mark.parametrize("algorithm", ["vanilla", "dskd", "dskd-cma", "uld"])
+def test_chunked_and_unchunked_objectives_agree(tiny_model, tiny_other_vocab_model, algorithm):
+    from distillqa.config import KDConfig
+    from distillqa.train.distill import make_objective
+
+    same = algorithm in ("vanilla", "dskd")
+    teacher_name = tiny_model if same else tiny_other_vocab_model
+    teacher, tok_t, tok_s = load_model(teacher_name), load_tokenizer(teacher_name), load_tokenizer(tiny_model)
+    exs = load_examples("bundled:telecom-sample")[0][:4]
+    items = [(PromptBuilder(tok_s, max_length=160).encode_train(e), PromptBuilder(tok_t, max_length=160).encode_train(e)) for e in exs]
+    batch = collate_pairs([(s, s) for s, _ in items] if same else items, tok_s.pad_token_id, tok_t.pad_token_id)
+    results = []
+    for chunk in (None, 3):
+        student = load_model(tiny_model)
+        torch.manual_seed(0)
+        objective = make_objective(KDConfig(algorithm=algorithm, chunk_size=chunk, divergence="js"), teacher, student)
+        loss, _ = objective(student, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in list(student.parameters()) + list(objective.parameters()) if p.grad is not None]
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
