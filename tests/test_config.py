@@ -40,3 +40,13 @@ def test_lora_paper_preset_and_explicit_fields_win():
     paper = LoraConfig.model_validate({"preset": "paper"})
     assert (paper.r, paper.alpha, paper.dropout) == (256, 8.0, 0.1)
     assert LoraConfig.model_validate({"preset": "paper", "r": 8}).r == 8
+
+
+@pytest.mark.parametrize("command", ["sft", "distill", "generate", "demo"])
+def test_described_config_round_trips_to_the_defaults(command, tmp_path):
+    from distillqa.config import SCHEMAS, describe_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(describe_config(SCHEMAS[command]))
+    assert load_config(SCHEMAS[command], path) == SCHEMAS[command]()
+    assert "# Peak learning rate." in path.read_text() or command == "generate"

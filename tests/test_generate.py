@@ -56,3 +56,17 @@ def test_merged_run_is_a_standalone_model_equal_to_the_adapter_run(tiny_model, t
     merged, via_run, base = load_model(str(tmp_path / "merged")), load_model(str(run)), load_model(tiny_model)
     torch.testing.assert_close(merged(ids).logits, via_run(ids).logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(merged(ids).logits, base(ids).logits)
+
+
+def test_generate_refuses_a_directory_made_with_another_config(tiny_model, tmp_path):
+    import pytest
+
+    from distillqa.config import GenerateConfig, load_config
+    from distillqa.errors import RunDirError
+    from distillqa.generate import run_generate
+
+    args = [f"model.name={tiny_model}", f"output_dir={tmp_path}", "data.max_eval_examples=2", "generation.max_new_tokens=2"]
+    first = run_generate(load_config(GenerateConfig, None, args)).read_text()
+    assert run_generate(load_config(GenerateConfig, None, args)).read_text() == first  # same config: reused
+    with pytest.raises(RunDirError, match="different config"):
+        run_generate(load_config(GenerateConfig, None, args + ["generation.max_new_tokens=3"]))

@@ -90,6 +90,17 @@ def demo(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) 
     typer.echo(f"results in {cfg.output_dir}/results.md")
 
 
+@app.command("config")
+def show_config(command: str = typer.Argument(..., help="sft, distill, generate or demo.")) -> None:
+    """Print every config key of a command with its default and description, as YAML."""
+    from distillqa.config import SCHEMAS, describe_config
+
+    if command not in SCHEMAS:
+        typer.secho(f"error: unknown command '{command}'; choose from {', '.join(SCHEMAS)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    typer.echo(describe_config(SCHEMAS[command]), nl=False)
+
+
 @app.command()
 def models() -> None:
     """List the offline model registry."""

@@ -1,7 +1,7 @@
 """Pydantic schemas for every command's YAML config, with dotted `--set key=value` overrides.
 
 One schema per command (as TRL pairs a config with each trainer); the field descriptions are
-the documentation: `distillqa config-docs` prints them. Unknown keys and invalid values are
+the documentation: `distillqa config COMMAND` prints every key with its default and description. Unknown keys and invalid values are
 rejected with a message that names the key.
 """
 
@@ -229,3 +229,28 @@ def validate_config(schema: type[C], raw: dict, source: str = "config") -> C:
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "demo": DemoConfig,
+}
+
+
+def describe_config(schema: type[BaseModel]) -> str:
+    """A commented YAML file of every key of `schema` with its default and description."""
+    lines: list[str] = []
+
+    def walk(model: BaseModel, indent: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{name}:")
+                walk(value, indent + "  ")
+                continue
+            dumped = yaml.safe_dump({name: value if not isinstance(value, tuple) else list(value)},
+                                    default_flow_style=True, width=1000).strip().strip("{}")
+            comment = f"  # {field.description}" if field.description else ""
+            lines.append(f"{indent}{dumped}{comment}")
+
+    walk(schema(), "")
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from distillqa.config import GenerateConfig, GenerationConfig, dump_config
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_left
 from distillqa.data.records import QAExample
+from distillqa.errors import RunDirError
 from distillqa.io import append_jsonl, read_partial_jsonl, write_jsonl, write_text
 from distillqa.models.registry import load_model, load_tokenizer
 
@@ -83,9 +84,13 @@ def _row(ex: QAExample, prediction: str, builder: PromptBuilder, note: str | Non
 
 
 def run_generate(cfg: GenerateConfig) -> Path:
+    """Answer `cfg.split`; an output directory is reused (resumed) only for the same config."""
     out_dir = Path(cfg.output_dir)
+    config_path = out_dir / "generate_config.yaml"
+    if config_path.is_file() and config_path.read_text() != dump_config(cfg):
+        raise RunDirError(f"{out_dir} holds predictions made with a different config; choose another output_dir or delete it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "generate_config.yaml", dump_config(cfg))
+    write_text(config_path, dump_config(cfg))
     splits, _ = load_splits(cfg.data)
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     model = load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code)
