@@ -166,13 +166,9 @@ class DistillConfig(Section):
     output_dir: str = Field("runs/distill", description="Run directory (config, log, checkpoints, final student).")
 
 
-class DemoConfig(Section):
+class DemoConfig(SFTConfig):
     """`distillqa demo`: SFT a model on the bundled sample and compare answers before and after."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     # A few minutes on a 2-core CPU: three passes over the ~120 training questions.
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4, checkpoint_every=10))
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
