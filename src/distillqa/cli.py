@@ -69,13 +69,21 @@ def generate(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetO
 
 @app.command()
 def evaluate(predictions: str = typer.Argument(..., help="predictions.jsonl, or a directory holding one."),
-             metrics: str = typer.Option("default", help="'default' or a comma-separated list (see `distillqa metrics`).")) -> None:
-    """Score predictions per example and summarise (mean, 95% bootstrap CI)."""
+             config: Optional[str] = typer.Option(None, "--config", help="YAML config (see `distillqa config evaluate`)."),
+             metrics: Optional[str] = typer.Option(None, help="'default' (14), 'offline' (11, no judge), families or names."),
+             judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+             judge_model: Optional[str] = typer.Option(None, help="Judge model name at that endpoint."),
+             judge_local: Optional[str] = typer.Option(None, help="A local model as judge (slow)."),
+             set_: Optional[list[str]] = SetOpt) -> None:
+    """Score predictions per example and summarise (mean, 95% bootstrap CI, missing)."""
+    from distillqa.config import EvaluateConfig, load_config
     from distillqa.metrics.evaluate import evaluate_predictions
 
-    summary = _guard(lambda: evaluate_predictions(predictions, metrics))
+    shortcuts = {"metrics": metrics, "judge.url": judge_url, "judge.model": judge_model, "judge.local_model": judge_local}
+    overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(set_ or [])
+    summary = _guard(lambda: evaluate_predictions(predictions, load_config(EvaluateConfig, config, overrides)))
     for name, m in summary["metrics"].items():
-        typer.echo(f"{name:12s} {m['mean']:.4f}  95% CI [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]  n={m['n']}")
+        typer.echo(f"{name:18s} {m['mean']:.4f}  95% CI [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]  n={m['n']}  missing={m['missing']}")
 
 
 @app.command()
@@ -88,6 +96,21 @@ def demo(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) 
     summaries = _guard(lambda: run_demo(cfg))
     typer.echo(results_table(summaries, cfg.model.name))
     typer.echo(f"results in {cfg.output_dir}/results.md")
+
+
+@app.command()
+def serve(model: str = typer.Argument(..., help="Any model name: registry, run directory, local path."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="Port to listen on.")) -> None:
+    """Serve a model behind an OpenAI-compatible chat-completions endpoint (/v1/chat/completions)."""
+    from distillqa.serve import make_server
+
+    server = _guard(lambda: make_server(model, host, port))
+    typer.echo(f"serving {model} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
 
 
 @app.command("config")

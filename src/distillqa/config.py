@@ -153,6 +153,37 @@ class KDConfig(Section):
     projector_lr: float = Field(1e-3, gt=0, description="Learning rate of the DSKD projectors.")
 
 
+class JudgeConfig(Section):
+    url: str | None = Field(None, description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
+    model: str | None = Field(None, description="Judge model name sent to the endpoint.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (the key itself is never written).")
+    local_model: str | None = Field(None, description="Use a local model as judge instead of an endpoint (slow).")
+    concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+    timeout: float = Field(120.0, gt=0, description="Seconds per request.")
+    retries: int = Field(3, ge=0, description="Retries of a failed request, with exponential backoff.")
+    parse_retries: int = Field(2, ge=0, description="Re-asks of a reply that cannot be parsed before it is recorded as missing.")
+    max_tokens: int = Field(256, ge=1, description="Tokens per judge reply.")
+    cache: str | None = Field(None, description="SQLite reply cache (default $DISTILLQA_CACHE/judge.sqlite).")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.local_model and self.url:
+            raise ValueError("set either url (with model) or local_model, not both")
+        if self.url and not self.model:
+            raise ValueError("an endpoint judge needs judge.model")
+        return self
+
+
+class EvaluateConfig(Section):
+    """`distillqa evaluate`: per-example scores and a summary for a predictions file."""
+
+    metrics: str = Field("default", description="'default' (14), 'offline' (11, no judge), families, or names, comma-separated.")
+    embedding_model: str | None = Field(None, description="Sentence-transformers model directory (default: bundled all-MiniLM-L6-v2).")
+    bertscore_layers: int | None = Field(None, ge=1, description="Layer BERTScore reads (default: the embedding model's last).")
+    batch_size: int = Field(64, ge=1, description="Batch size of embedding and BERTScore models.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+
 class DistillConfig(Section):
     """`distillqa distill`: distil a student from a frozen teacher."""
 
@@ -228,7 +259,7 @@ def dump_config(cfg: BaseModel) -> str:
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {
-    "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "demo": DemoConfig,
+    "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig, "demo": DemoConfig,
 }
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillqa.config import DemoConfig, GenerateConfig, SFTConfig
+from distillqa.config import DemoConfig, EvaluateConfig, GenerateConfig, SFTConfig
 from distillqa.generate import run_generate
 from distillqa.io import write_text
 from distillqa.metrics.evaluate import evaluate_predictions
 from distillqa.train.sft import run_sft
 
-SHOWN = ("rouge_l", "token_f1", "exact_match", "bleu")
+SHOWN = ("rouge_l", "token_f1", "exact_match", "bleu_4")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict]:
@@ -26,7 +26,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     summaries = {}
     for label, model in (("base", cfg.model), ("sft", cfg.model.model_copy(update={"name": str(sft_dir)}))):
         gen = GenerateConfig(model=model, generation=cfg.generation, output_dir=str(out / f"answers-{label}"), **shared)
-        summaries[label] = evaluate_predictions(run_generate(gen))
+        summaries[label] = evaluate_predictions(run_generate(gen), EvaluateConfig(metrics=",".join(SHOWN)))
     write_text(out / "results.md", results_table(summaries, cfg.model.name))
     return summaries
 

@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def generate_batch(model, tok, prompts: list[list[int]], cfg: GenerationConfig, seed: int = 0) -> list[str]:
+    """Continuations of token-id prompts, left-padded into one batch, KV-cached; stripped text."""
+    model.eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_left(prompts, tok.pad_token_id).items()}
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id, use_cache=True)
+    if cfg.do_sample:
+        torch.manual_seed(seed)
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(**batch, **kwargs)
+    return [t.strip() for t in tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
+
+
 def generate_predictions(
     model, tok, builder: PromptBuilder, examples: list[QAExample], cfg: GenerationConfig, out_path: str | Path, desc: str = "generate"
 ) -> Path:
@@ -50,22 +66,10 @@ def generate_predictions(
     append_jsonl(partial, [_row(ex, "", builder, "prompt too long for prompt.max_length") for ex in skipped])
     todo.sort(key=lambda item: len(item[1]), reverse=True)
 
-    model.eval()
-    device = next(model.parameters()).device
-    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
-    if cfg.do_sample:
-        gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc=desc, unit="batch"):
         chunk = todo[start : start + cfg.batch_size]
-        batch = {k: v.to(device) for k, v in collate_left([ids for _, ids in chunk], tok.pad_token_id).items()}
-        if cfg.do_sample:
-            torch.manual_seed(cfg.seed + start)
-        out = model.generate(**batch, **gen_kwargs, use_cache=True)
-        texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        append_jsonl(partial, [_row(ex, text.strip(), builder) for (ex, _), text in zip(chunk, texts)])
+        texts = generate_batch(model, tok, [ids for _, ids in chunk], cfg, seed=cfg.seed + start)
+        append_jsonl(partial, [_row(ex, text, builder) for (ex, _), text in zip(chunk, texts)])
 
     rows = {r["id"]: r for r in read_partial_jsonl(partial)}
     write_jsonl(out_path, [rows[ex.id] for ex in examples])
