@@ -1,0 +1,1 @@
+"""Experiments: paired statistics between runs (the grid runner and report build on it)."""
