@@ -44,6 +44,8 @@ def micro_batch_indices(num_examples: int, cfg: TrainConfig, steps: int, rank: i
         perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
         for start in range(0, num_examples, global_bs):
             chunk = perm[start : start + global_bs]
+            # A rank left without examples in the epoch's last, short batch reuses its first ones,
+            # so that every process takes the same number of steps.
             out.append(chunk[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] or chunk[: cfg.batch_size])
         epoch += 1
     return out[:needed]
