@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from distillqa.config import DemoConfig, LoraConfig, SFTConfig, apply_overrides, load_config
+from distillqa.config import ExperimentConfig, LoraConfig, SFTConfig, apply_overrides, load_config
 from distillqa.errors import ConfigError
 
 
@@ -22,7 +24,7 @@ def test_invalid_value_is_named():
     with pytest.raises(ConfigError, match=r"train\.lr: .*greater than 0"):
         load_config(SFTConfig, None, ["train.lr=-1"])
     with pytest.raises(ConfigError, match=r"data\.split_fractions: .*sum to 1"):
-        load_config(DemoConfig, None, ["data.split_fractions=[0.5, 0.5, 0.5]"])
+        load_config(ExperimentConfig, None, ["data.split_fractions=[0.5, 0.5, 0.5]"])
 
 
 def test_bad_yaml_and_bad_override_are_clear(tmp_path):
@@ -42,11 +44,37 @@ def test_lora_paper_preset_and_explicit_fields_win():
     assert LoraConfig.model_validate({"preset": "paper", "r": 8}).r == 8
 
 
-@pytest.mark.parametrize("command", ["sft", "distill", "generate", "demo"])
+@pytest.mark.parametrize("command", ["sft", "distill", "generate", "evaluate", "experiment"])
 def test_described_config_round_trips_to_the_defaults(command, tmp_path):
     from distillqa.config import SCHEMAS, describe_config
 
     path = tmp_path / "c.yaml"
     path.write_text(describe_config(SCHEMAS[command]))
     assert load_config(SCHEMAS[command], path) == SCHEMAS[command]()
-    assert "# Peak learning rate." in path.read_text() or command == "generate"
+    assert "# Peak learning rate." in path.read_text() or command in ("generate", "evaluate")
+
+
+def test_experiment_presets_fill_in_and_explicit_keys_win():
+    quick = load_config(ExperimentConfig, None, ["distill.train.max_steps=3"])
+    assert quick.preset == "quick" and quick.data.source == "bundled:telecom-sample"
+    assert quick.distill.train.max_steps == 3 and quick.distill.train.batch_size == 4
+    paper = load_config(ExperimentConfig, None, ["preset=paper", "evaluate.judge.url=http://x/v1", "evaluate.judge.model=j"])
+    assert (paper.sft.lora.r, paper.distill.lora.alpha, paper.distill.train.epochs) == (256, 8.0, 10)
+    assert (paper.distill.kd.kd_rate, paper.distill.kd.temperature, paper.prompt.max_length) == (0.5, 2.0, 512)
+
+
+def test_experiment_config_errors_name_what_is_missing():
+    with pytest.raises(ConfigError, match="preset 'cpu' needs data.source"):
+        load_config(ExperimentConfig, None, ["preset=cpu"])
+    with pytest.raises(ConfigError, match="judge metrics: set evaluate.judge.url"):
+        load_config(ExperimentConfig, None, ["evaluate.metrics=default"])
+    with pytest.raises(ConfigError, match=r"grid\.teachers\.0\.algorithms"):
+        load_config(ExperimentConfig, None, ["grid.teachers=[{name: a, algorithms: [kd]}]"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    from distillqa.config import SCHEMAS
+
+    schema = SCHEMAS[path.name.split("-")[0]]
+    load_config(schema, path, ["data.source=somewhere.json"])

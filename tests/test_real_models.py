@@ -47,3 +47,26 @@ def test_distill_real_teacher_into_15_layer_student(teacher, algorithm, tmp_path
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert all(row["kd"] >= 0 and row["loss"] > 0 for row in log)
     assert load_model(str(run)).config.num_hidden_layers == 15
+
+
+def test_experiment_grid_with_real_models(tmp_path):
+    """A one-state grid on the real models: vocabularies detected from the tokenizers, the
+    cross-vocabulary cell trained, every row answered and scored, the report written."""
+    from distillqa.config import ExperimentConfig
+    from distillqa.experiment.runner import run_experiment
+
+    cfg = load_config(ExperimentConfig, None, [
+        "grid.teachers=[{name: smollm2-135m, algorithms: [vanilla]}, {name: gemma3-270m, algorithms: [uld]}]",
+        "grid.teacher_states=[base]", "grid.student_states=[base]", "data.max_train_examples=4",
+        "data.max_eval_examples=4", "distill.train.max_steps=1", "distill.train.batch_size=2",
+        "generation.max_new_tokens=4", "evaluate.metrics=rouge_l,token_f1", f"output_dir={tmp_path}/exp"])
+    exp = run_experiment(cfg, echo=lambda msg: None)
+    plan = json.loads((exp / "plan.json").read_text())
+    cells = {r["factors"]["teacher"]: r for r in plan["rows"] if r["kind"] == "cell"}
+    assert {t: r["factors"]["vocabulary"] for t, r in cells.items()} == {"smollm2-135m": "same", "gemma3-270m": "different"}
+    hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
+    assert [(h["name"], h["pairs"]) for h in hyps] == [
+        ("vocabulary", [[cells["smollm2-135m"]["name"], cells["gemma3-270m"]["name"]]])]
+    assert all(r["n"] == 4 for r in hyps[0]["results"])
+    rows = json.loads((exp / "results" / "rows.json").read_text())
+    assert len(rows) == 5 and "data:image/png;base64," in (exp / "report.html").read_text()

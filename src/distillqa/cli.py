@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -86,16 +87,40 @@ def evaluate(predictions: str = typer.Argument(..., help="predictions.jsonl, or 
         typer.echo(f"{name:18s} {m['mean']:.4f}  95% CI [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]  n={m['n']}  missing={m['missing']}")
 
 
-@app.command()
-def demo(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
-    """LoRA-SFT smollm2-135m on the bundled telecom sample; ROUGE-L and token F1 before vs after."""
-    from distillqa.config import DemoConfig, load_config
-    from distillqa.demo import results_table, run_demo
+experiment_app = typer.Typer(no_args_is_help=True, help="The teacher x student x algorithm x vocabulary grid, statistics, report.")
+app.add_typer(experiment_app, name="experiment")
 
-    cfg = _guard(lambda: load_config(DemoConfig, config, set_))
-    summaries = _guard(lambda: run_demo(cfg))
-    typer.echo(results_table(summaries, cfg.model.name))
-    typer.echo(f"results in {cfg.output_dir}/results.md")
+
+def _run_experiment(overrides: list[str], config: Optional[str] = None) -> None:
+    from distillqa.config import ExperimentConfig, load_config
+    from distillqa.experiment.runner import run_experiment
+
+    cfg = _guard(lambda: load_config(ExperimentConfig, config, overrides))
+    exp = _guard(lambda: run_experiment(cfg))
+    hypotheses = json.loads((exp / "results" / "hypotheses.json").read_text())
+    for h in hypotheses:
+        typer.echo(f"{h['question']:58s} {h['summary']}")
+    typer.echo(f"report: {exp / 'report.md'} and {exp / 'report.html'}")
+
+
+@experiment_app.command("run")
+def experiment_run(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """Run (or resume) every stage of the grid, then the statistics and the report."""
+    _run_experiment(list(set_ or []), config)
+
+
+@experiment_app.command("report")
+def experiment_report(exp_dir: str = typer.Argument(..., help="An experiment directory.")) -> None:
+    """Recompute the statistics and rewrite report.md, report.html and the plots."""
+    from distillqa.experiment.report import write_report
+
+    typer.echo(f"wrote {_guard(lambda: write_report(exp_dir))}")
+
+
+@app.command()
+def demo(set_: Optional[list[str]] = SetOpt) -> None:
+    """The main job on the embedded default: the `quick` experiment grid into runs/demo, with its report."""
+    _run_experiment(["preset=quick", "output_dir=runs/demo", *(set_ or [])])
 
 
 @app.command()
@@ -114,7 +139,7 @@ def serve(model: str = typer.Argument(..., help="Any model name: registry, run d
 
 
 @app.command("config")
-def show_config(command: str = typer.Argument(..., help="sft, distill, generate or demo.")) -> None:
+def show_config(command: str = typer.Argument(..., help="sft, distill, generate, evaluate or experiment.")) -> None:
     """Print every config key of a command with its default and description, as YAML."""
     from distillqa.config import SCHEMAS, describe_config
 

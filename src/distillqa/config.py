@@ -197,13 +197,128 @@ class DistillConfig(Section):
     output_dir: str = Field("runs/distill", description="Run directory (config, log, checkpoints, final student).")
 
 
-class DemoConfig(SFTConfig):
-    """`distillqa demo`: SFT a model on the bundled sample and compare answers before and after."""
+Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld"]
+State = Literal["base", "sft"]
 
-    # A few minutes on a 2-core CPU: three passes over the ~120 training questions.
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4, checkpoint_every=10))
+
+class TeacherSpec(Section):
+    name: str = Field(..., description="Teacher model (any model name).")
+    algorithms: list[Algorithm] = Field(..., min_length=1, description="KD algorithms run with this teacher.")
+
+
+class GridConfig(Section):
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=every-other"),
+                                 description="The student of every cell.")
+    teachers: list[TeacherSpec] = Field(
+        default_factory=lambda: [TeacherSpec(name="smollm2-135m", algorithms=["vanilla", "dskd"]),
+                                 TeacherSpec(name="gemma3-270m", algorithms=["dskd-cma", "uld"])],
+        min_length=1, description="Teachers and the algorithms each is distilled with; same or different "
+        "vocabulary is detected from the tokenizers.")
+    teacher_states: list[State] = Field(["base", "sft"], min_length=1, description="Teacher as it is and/or SFT'd first.")
+    student_states: list[State] = Field(["base", "sft"], min_length=1, description="Student as it is and/or SFT'd first.")
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_teachers(cls, v):
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each teacher may appear once (got {names})")
+        return v
+
+
+class SFTStageConfig(Section):
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class DistillStageConfig(Section):
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+
+
+class StatsConfig(Section):
+    test: Literal["wilcoxon", "ttest", "permutation"] = Field("wilcoxon", description="Paired test per metric.")
+    correction: Literal["holm", "bh", "none"] = Field("holm", description="Correction across the metrics of a hypothesis.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (on adjusted p-values).")
+    algorithm_pairs: list[tuple[Algorithm, Algorithm]] = Field(
+        [("dskd", "vanilla"), ("dskd-cma", "uld")], description="Algorithm comparisons, each its own hypothesis (A vs B).")
+
+
+# Presets fill in what the user leaves out; explicit keys always win.
+EXPERIMENT_PRESETS: dict[str, dict] = {
+    # About 15 minutes on a 2-core CPU: the bundled sample, 16 test questions, a few steps a stage.
+    "quick": {
+        "data": {"source": "bundled:telecom-sample", "max_eval_examples": 16},
+        "prompt": {"max_length": 256},
+        "sft": {"train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2}},
+        "distill": {"train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2}},
+        "generation": {"max_new_tokens": 16, "batch_size": 16},
+        "evaluate": {"metrics": "offline"},
+    },
+    # TeleQuAD (or any QA file) from a path you give: about 8 hours on a 2-core CPU (estimated
+    # from measured step times: 16 cells x 50 KD steps dominate).
+    "cpu": {
+        "data": {"format": "auto", "max_train_examples": 400, "max_eval_examples": 200},
+        "prompt": {"max_length": 384},
+        "sft": {"train": {"epochs": 1, "batch_size": 8, "lr": 5e-4}},
+        "distill": {"train": {"epochs": 1, "batch_size": 8, "lr": 5e-4}},
+        "generation": {"max_new_tokens": 32, "batch_size": 16},
+        "evaluate": {"metrics": "offline"},
+    },
+    # The telecom study's settings, for GPUs.
+    "paper": {
+        "prompt": {"max_length": 512},
+        "sft": {"lora": {"preset": "paper"}, "train": {"epochs": 10, "lr": 1e-3}},
+        "distill": {"lora": {"preset": "paper"}, "train": {"epochs": 10, "lr": 1e-3},
+                    "kd": {"kd_rate": 0.5, "temperature": 2.0}},
+        "evaluate": {"metrics": "default"},
+    },
+}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class ExperimentConfig(Section):
+    """`distillqa experiment run`: the teacher x student x algorithm x vocabulary grid, statistics and report."""
+
+    preset: Literal["quick", "cpu", "paper", "none"] = Field(
+        "quick", description="Defaults for the rest: quick (bundled sample, minutes on a CPU), cpu (your data file, "
+        "overnight on a CPU), paper (the study's settings, GPUs), none.")
+    grid: GridConfig = Field(default_factory=GridConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="SFT of teachers and student.")
+    distill: DistillStageConfig = Field(default_factory=DistillStageConfig, description="Every KD cell.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    output_dir: str = Field("runs/demo", description="Directory for the demo's runs and results.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    output_dir: str = Field("runs/experiment", description="Experiment directory (all stages, results and report).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            preset = v.get("preset", "quick")
+            if preset in EXPERIMENT_PRESETS:
+                return _deep_merge(EXPERIMENT_PRESETS[preset], v)
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.preset == "cpu" and self.data.source.startswith("bundled:"):
+            raise ValueError("preset 'cpu' needs data.source: the path of your QA file (e.g. TeleQuAD-v4-full.json)")
+        judged = any(m.strip() in ("default", "judge", "faithfulness", "answer_correctness", "answer_relevance")
+                     for m in self.evaluate.metrics.split(","))
+        if judged and not (self.evaluate.judge.url or self.evaluate.judge.local_model):
+            raise ValueError("evaluate.metrics includes judge metrics: set evaluate.judge.url and evaluate.judge.model "
+                             "(or evaluate.judge.local_model), or use evaluate.metrics=offline")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -259,7 +374,8 @@ def dump_config(cfg: BaseModel) -> str:
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {
-    "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig, "demo": DemoConfig,
+    "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig,
+    "experiment": ExperimentConfig,
 }
 
 
@@ -274,7 +390,7 @@ def describe_config(schema: type[BaseModel]) -> str:
                 lines.append(f"{indent}{name}:")
                 walk(value, indent + "  ")
                 continue
-            dumped = yaml.safe_dump({name: value if not isinstance(value, tuple) else list(value)},
+            dumped = yaml.safe_dump({name: model.model_dump(mode="json")[name]},
                                     default_flow_style=True, width=1000).strip().strip("{}")
             comment = f"  # {field.description}" if field.description else ""
             lines.append(f"{indent}{dumped}{comment}")

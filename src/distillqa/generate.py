@@ -55,21 +55,22 @@ def generate_predictions(
 
     todo, skipped = [], []
     for ex in examples:
-        if ex.id in done:
-            continue
         ids = builder.encode_prompt(ex, cfg.max_new_tokens)
         if ids is None:
             skipped.append(ex)
         else:
             todo.append((ex, ids))
     # A prompt that cannot fit even without its context still gets a row: an empty prediction.
-    append_jsonl(partial, [_row(ex, "", builder, "prompt too long for prompt.max_length") for ex in skipped])
-    todo.sort(key=lambda item: len(item[1]), reverse=True)
-
-    for start in tqdm(range(0, len(todo), cfg.batch_size), desc=desc, unit="batch"):
-        chunk = todo[start : start + cfg.batch_size]
-        texts = generate_batch(model, tok, [ids for _, ids in chunk], cfg, seed=cfg.seed + start)
-        append_jsonl(partial, [_row(ex, text, builder) for (ex, _), text in zip(chunk, texts)])
+    append_jsonl(partial, [_row(ex, "", builder, "prompt too long for prompt.max_length") for ex in skipped if ex.id not in done])
+    # Batches are fixed before anything is skipped: a resumed run pads every prompt exactly as an
+    # uninterrupted run would, so its answers are the same; finished batches are not generated again.
+    todo.sort(key=lambda item: (-len(item[1]), item[0].id))
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    for index, chunk in enumerate(tqdm(batches, desc=desc, unit="batch")):
+        if all(ex.id in done for ex, _ in chunk):
+            continue
+        texts = generate_batch(model, tok, [ids for _, ids in chunk], cfg, seed=cfg.seed + index * cfg.batch_size)
+        append_jsonl(partial, [_row(ex, text, builder) for (ex, _), text in zip(chunk, texts) if ex.id not in done])
 
     rows = {r["id"]: r for r in read_partial_jsonl(partial)}
     write_jsonl(out_path, [rows[ex.id] for ex in examples])

@@ -60,8 +60,12 @@ def make_judge(cfg: JudgeConfig):
     return EndpointJudge(cfg.url, cfg.model, cfg.api_key_env, timeout=cfg.timeout, retries=cfg.retries, **common)
 
 
-def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = None, judge=None) -> dict:
-    """Score `predictions` (a file, or a directory holding predictions.jsonl); returns the summary."""
+def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = None, judge=None,
+                         settings: EvalSettings | None = None) -> dict:
+    """Score `predictions` (a file, or a directory holding predictions.jsonl); returns the summary.
+
+    `settings` shares loaded models across calls (the experiment scores many rows); `judge`
+    replaces the one `cfg.judge` describes."""
     cfg = cfg or EvaluateConfig()
     path = Path(predictions)
     if path.is_dir():
@@ -76,8 +80,9 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
         old = {}  # the predictions changed since these scores were written
     table = [{"id": r["id"], **{k: v for k, v in old.get(r["id"], {}).items() if k in METRICS}} for r in rows]
     needs_judge = any(m.family == "judge" and not all(m.name in t for t in table) for m in metrics)
-    settings = EvalSettings(cfg.embedding_model, cfg.bertscore_layers, cfg.batch_size,
-                            judge=judge or (make_judge(cfg.judge) if needs_judge else None))
+    settings = settings or EvalSettings(cfg.embedding_model, cfg.bertscore_layers, cfg.batch_size)
+    if needs_judge and settings.judge is None:
+        settings.judge = judge or make_judge(cfg.judge)
     for metric in tqdm(metrics, desc="evaluate", unit="metric"):
         if all(metric.name in t for t in table):
             continue

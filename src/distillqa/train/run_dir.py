@@ -54,9 +54,11 @@ class RunDir:
             return run
         if run.path.exists() and any(run.path.iterdir()):
             raise RunDirError(f"{run.path} exists, is not empty and is not a distillqa run directory")
-        run.path.mkdir(parents=True, exist_ok=True)
-        write_text(run.path / "config.yaml", config_yaml)
-        write_json(run.path / "run.json", {"kind": kind, "base_model": base_model, "status": "running", "created": time.time()})
+        # Built aside and renamed: a kill here leaves no directory that is neither empty nor a run.
+        with atomic_path(run.path) as tmp:
+            tmp.mkdir()
+            write_text(tmp / "config.yaml", config_yaml)
+            write_json(tmp / "run.json", {"kind": kind, "base_model": base_model, "status": "running", "created": time.time()})
         return run
 
     def log(self, row: dict) -> None:

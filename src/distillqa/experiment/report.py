@@ -1,0 +1,252 @@
+"""`distillqa experiment report DIR`: statistics and the report of an experiment directory.
+
+Reads plan.json, experiment.yaml and every row's scores.jsonl; writes
+    results/rows.json         per row and metric: mean, 95% bootstrap CI, n, missing
+    results/hypotheses.json   per hypothesis and metric: paired test, adjusted p, effect size
+    plots/means.png, plots/effects.png
+    report.md, report.html    (the HTML embeds the plots, so it is one self-contained file)
+
+A hypothesis pools its matched pairs of rows: every (pair, question) contributes one paired
+difference, so "teacher SFT vs base" over 8 cell pairs and 24 questions is one test on 192
+differences per metric.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import yaml
+
+from distillqa.errors import RunDirError
+from distillqa.experiment.stats import compare, summarize_hypothesis
+from distillqa.io import atomic_path, read_jsonl, write_json, write_text
+from distillqa.metrics.registry import METRICS, resolve_metrics
+
+METHOD = (
+    "Per metric, paired differences over the same test questions (pooled over the hypothesis' matched pairs "
+    "of rows) are tested with the {test} test{test_note}; p-values are adjusted across the metrics of a "
+    "hypothesis with {correction} and compared with alpha = {alpha}. The effect size is the matched-pairs "
+    "rank-biserial correlation r in [-1, 1], positive when the first system (A) scores higher; zero "
+    "differences are dropped, and a metric whose differences are all zero gets p = 1, r = 0. "
+    "Cell means carry 95% percentile-bootstrap confidence intervals over questions."
+)
+TEST_NOTES = {"wilcoxon": " (signed-rank; exact p for small samples without ties, normal approximation with tie "
+                          "correction otherwise)", "ttest": "", "permutation": " (10,000 random sign flips)"}
+CORRECTIONS = {"holm": "Holm's step-down method", "bh": "Benjamini-Hochberg", "none": "no correction"}
+
+
+def label(row: dict) -> str:
+    f = row["factors"]
+    if row["kind"] == "teacher":
+        return f"teacher {f['teacher']} ({f['teacher_state']})"
+    if row["kind"] == "student":
+        return f"student ({f['student_state']})"
+    return f"{f['algorithm']}: T={f['teacher']} ({f['teacher_state']}), S={f['student_state']}"
+
+
+def load_experiment(exp: Path) -> tuple[dict, dict, dict[str, dict[str, dict]]]:
+    """(config, plan, scores[row][example id][metric])."""
+    for name in ("experiment.yaml", "plan.json"):
+        if not (exp / name).is_file():
+            raise RunDirError(f"{exp} is not an experiment directory (no {name}); run `distillqa experiment run` first")
+    cfg = yaml.safe_load((exp / "experiment.yaml").read_text())
+    plan = json.loads((exp / "plan.json").read_text())
+    scores = {}
+    for row in plan["rows"]:
+        path = exp / "rows" / row["name"] / "scores.jsonl"
+        if not path.is_file():
+            raise RunDirError(f"{exp}: row {row['name']} has no scores yet ({path}); finish the run with "
+                              "`distillqa experiment run`")
+        scores[row["name"]] = {r["id"]: r for r in read_jsonl(path)}
+    return cfg, plan, scores
+
+
+def pooled(scores: dict[str, dict[str, dict]], pairs: list[list[str]]) -> tuple[dict, dict]:
+    """Per-example score dicts of systems A and B with keys `pair:example` so one test covers every pair."""
+    a, b = {}, {}
+    for k, (row_a, row_b) in enumerate(pairs):
+        for ex, s in scores[row_a].items():
+            if ex in scores[row_b]:
+                a[f"{k}:{ex}"], b[f"{k}:{ex}"] = s, scores[row_b][ex]
+    return a, b
+
+
+def compute_results(exp: Path) -> dict:
+    from distillqa.metrics.summary import summarize
+
+    cfg, plan, scores = load_experiment(exp)
+    metrics = [m.name for m in resolve_metrics(cfg["evaluate"]["metrics"])
+               if all(m.name in s for rs in scores.values() for s in rs.values())]
+    rows = [{**row, "label": label(row), "metrics": {m: summarize([s.get(m) for s in scores[row["name"]].values()])
+                                                     for m in metrics}} for row in plan["rows"]]
+    st = cfg["stats"]
+    hyps = []
+    for h in plan["hypotheses"]:
+        a, b = pooled(scores, h["pairs"])
+        results = compare(a, b, metrics, st["test"], st["correction"], st["alpha"])
+        hyps.append({**h, "summary": summarize_hypothesis(results, {m: METRICS[m].family for m in metrics}),
+                     "results": [r.to_dict() for r in results]})
+    method = METHOD.format(test=st["test"], test_note=TEST_NOTES[st["test"]], correction=CORRECTIONS[st["correction"]],
+                           alpha=st["alpha"])
+    return {"config": cfg, "metrics": metrics, "rows": rows, "hypotheses": hyps, "method": method}
+
+
+# --- plots ----------------------------------------------------------------------------------
+def plot_means(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics, rows = res["metrics"], res["rows"]
+    cols = min(4, len(metrics))
+    grid_rows = -(-len(metrics) // cols)
+    height = max(3.0, 0.28 * len(rows) + 1.2)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(4.2 * cols + 3.5, height * grid_rows), squeeze=False, sharey=True)
+    colors = {"teacher": "#4c72b0", "student": "#8c8c8c", "cell": "#dd8452"}
+    y = list(range(len(rows)))[::-1]
+    for ax, metric in zip(axes.flat, metrics):
+        means = [r["metrics"][metric]["mean"] for r in rows]
+        lo = [m - r["metrics"][metric]["ci95"][0] for m, r in zip(means, rows)]
+        hi = [r["metrics"][metric]["ci95"][1] - m for m, r in zip(means, rows)]
+        ax.barh(y, means, xerr=[lo, hi], color=[colors[r["kind"]] for r in rows], ecolor="#333333", capsize=2, height=0.7)
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_yticks(y)
+        ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
+    fig.suptitle("Mean score per row with 95% bootstrap CI (blue: teachers, grey: student, orange: distilled cells)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    _save(fig, path)
+
+
+def plot_effects(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics, hyps = res["metrics"], res["hypotheses"]
+    fig, ax = plt.subplots(figsize=(1.0 * len(metrics) + 4, 0.6 * len(hyps) + 2))
+    grid = [[r["effect_size"] for r in h["results"]] for h in hyps]
+    im = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    for i, h in enumerate(hyps):
+        for j, r in enumerate(h["results"]):
+            mark = "*" if r["rejected"] else ""
+            ax.text(j, i, f"{r['effect_size']:+.2f}{mark}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(r["effect_size"]) > 0.6 else "black")
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics, rotation=45, ha="right", fontsize=9)
+    ax.set_yticks(range(len(hyps)))
+    ax.set_yticklabels([h["question"] for h in hyps], fontsize=9)
+    fig.colorbar(im, ax=ax, label="rank-biserial effect size (A vs B)")
+    ax.set_title("Effect size per hypothesis and metric (* = null rejected after correction)", fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# --- documents --------------------------------------------------------------------------------
+def blocks(res: dict) -> list[tuple]:
+    """The report as ("h1" | "h2" | "p" | "table" | "img" | "pre", ...) blocks, rendered to Markdown and HTML."""
+    metrics = res["metrics"]
+    cell_table = [[r["label"], r["metrics"][metrics[0]]["n"] if metrics else 0] +
+                  [f"{r['metrics'][m]['mean']:.3f} [{r['metrics'][m]['ci95'][0]:.3f}, {r['metrics'][m]['ci95'][1]:.3f}]"
+                   for m in metrics] for r in res["rows"]]
+    hyp_table = [[h["question"], len(h["pairs"]), h["summary"]] for h in res["hypotheses"]]
+    detail = []
+    for h in res["hypotheses"]:
+        for r in h["results"]:
+            winner = {"A": "A", "B": "B", "tie": "tie"}[r["direction"]]
+            detail.append([h["name"], r["metric"], r["n"], f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}", f"{r['effect_size']:+.3f}",
+                           f"{r['p_value']:.2g}", f"{r['p_adjusted']:.2g}", "yes" if r["rejected"] else "no", winner])
+    pairs = [[h["name"], "; ".join(f"{a} vs {b}" for a, b in h["pairs"])] for h in res["hypotheses"]]
+    return [
+        ("h1", "distillqa experiment report"),
+        ("p", f"{len(res['rows'])} rows (reference models and distilled cells) scored on {len(metrics)} metrics: "
+              f"{', '.join(metrics)}."),
+        ("h2", "Hypotheses"),
+        ("table", ["hypothesis (A vs B)", "pairs", "result"], hyp_table),
+        ("img", "plots/effects.png", "effect size heatmap"),
+        ("p", res["method"]),
+        ("h2", "Rows: mean [95% CI] per metric"),
+        ("table", ["row", "n"] + metrics, cell_table),
+        ("img", "plots/means.png", "metric means per row"),
+        ("h2", "Paired tests per hypothesis and metric"),
+        ("table", ["hypothesis", "metric", "n pairs", "mean A", "mean B", "effect r", "p", "p adjusted", "rejected",
+                   "higher"], detail),
+        ("h2", "Matched pairs of each hypothesis (A vs B)"),
+        ("table", ["hypothesis", "pairs"], pairs),
+        ("h2", "Configuration"),
+        ("pre", yaml.safe_dump(res["config"], sort_keys=False)),
+    ]
+
+
+def to_markdown(doc: list[tuple]) -> str:
+    out = []
+    for kind, *rest in doc:
+        if kind in ("h1", "h2"):
+            out.append(("# " if kind == "h1" else "## ") + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "table":
+            headers, rows = rest
+            out.append("\n".join(["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)] +
+                                 ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0]})")
+        elif kind == "pre":
+            out.append("```yaml\n" + rest[0] + "```")
+    return "\n\n".join(out) + "\n"
+
+
+def to_html(doc: list[tuple], exp: Path) -> str:
+    esc = html.escape
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>distillqa experiment report</title><style>"
+           "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+           "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
+           "th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd}pre{background:#f6f6f6;padding:1em}"
+           "</style></head><body>"]
+    for kind, *rest in doc:
+        if kind in ("h1", "h2", "p"):
+            out.append(f"<{kind}>{esc(rest[0])}</{kind}>")
+        elif kind == "table":
+            headers, rows = rest
+            out.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in headers) + "</tr>" +
+                       "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+        elif kind == "img":
+            data = base64.b64encode((exp / rest[0]).read_bytes()).decode()
+            out.append(f"<img alt='{esc(rest[1])}' src='data:image/png;base64,{data}'>")
+        elif kind == "pre":
+            out.append(f"<pre>{esc(rest[0])}</pre>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(exp: str | Path) -> Path:
+    """Compute the statistics and write results/, plots/, report.md and report.html; returns report.md."""
+    exp = Path(exp)
+    res = compute_results(exp)
+    write_json(exp / "results" / "rows.json", res["rows"])
+    write_json(exp / "results" / "hypotheses.json", res["hypotheses"])
+    plot_means(res, exp / "plots" / "means.png")
+    if res["hypotheses"] and res["metrics"]:
+        plot_effects(res, exp / "plots" / "effects.png")
+    doc = [b for b in blocks(res) if not (b[0] == "img" and not (exp / b[1]).is_file())]
+    write_text(exp / "report.md", to_markdown(doc))
+    write_text(exp / "report.html", to_html(doc, exp))
+    return exp / "report.md"

@@ -1,0 +1,139 @@
+"""The experiment grid on tiny in-process models: plan, resumability under kill -9, locking,
+config drift, and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillqa.config import ExperimentConfig, load_config
+from distillqa.errors import ConfigError, RunDirError
+from distillqa.experiment.grid import plan_hypotheses, plan_rows
+from distillqa.experiment.runner import check_config, experiment_lock, run_experiment
+
+
+def tiny_grid(student: str, same: str, other: str, out: Path) -> dict:
+    fast = {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "lr": 0.01}
+    return {
+        "preset": "quick",
+        "grid": {"student": f"{student}@layers=every-other",
+                 "teachers": [{"name": same, "algorithms": ["vanilla", "dskd"]}, {"name": other, "algorithms": ["dskd-cma", "uld"]}]},
+        "data": {"max_train_examples": 16, "max_eval_examples": 12},
+        "sft": {"train": fast}, "distill": {"train": fast},
+        "generation": {"max_new_tokens": 8, "batch_size": 4},
+        "evaluate": {"metrics": "rouge_l,bleu_1,token_f1"},
+        "output_dir": str(out),
+    }
+
+
+@pytest.fixture(scope="module")
+def grid_cfg(tiny_model, tiny_other_vocab_model):
+    def make(out: Path) -> ExperimentConfig:
+        return load_config(ExperimentConfig, None, [f"{k}={json.dumps(v)}" for k, v in
+                                                    tiny_grid(tiny_model, tiny_model, tiny_other_vocab_model, out).items()])
+    return make
+
+
+@pytest.fixture(scope="module")
+def finished(grid_cfg, tmp_path_factory) -> tuple[Path, float]:
+    """An uninterrupted tiny grid and how long it took."""
+    started = time.monotonic()
+    exp = run_experiment(grid_cfg(tmp_path_factory.mktemp("whole") / "exp"), echo=lambda msg: None)
+    return exp, time.monotonic() - started
+
+
+def test_plan_has_the_studys_rows_and_matched_pairs(grid_cfg, tmp_path):
+    cfg = grid_cfg(tmp_path / "exp")
+    rows = plan_rows(cfg, {cfg.grid.teachers[0].name: True, cfg.grid.teachers[1].name: False})
+    assert [r.kind for r in rows].count("cell") == 16 and len(rows) == 22
+    hyps = {h.name: h for h in plan_hypotheses(cfg, rows)}
+    assert {k: len(h.pairs) for k, h in hyps.items()} == {
+        "teacher_sft": 8, "student_sft": 8, "both_sft": 4, "dskd_vs_vanilla": 4, "dskd-cma_vs_uld": 4, "vocabulary": 8}
+    by_name = {r.name: r.factors for r in rows}
+    for a, b in hyps["teacher_sft"].pairs:  # only the teacher state differs within a pair
+        diff = {k for k in by_name[a] if by_name[a][k] != by_name[b][k]}
+        assert diff == {"teacher_state"}
+    for a, b in hyps["vocabulary"].pairs:  # logit-level with logit-level, dual-space with dual-space
+        assert by_name[a]["family"] == by_name[b]["family"] and by_name[a]["vocabulary"] == "same"
+
+
+def test_same_vocabulary_algorithm_with_other_tokenizer_is_refused(grid_cfg, tmp_path):
+    cfg = grid_cfg(tmp_path / "exp")
+    with pytest.raises(ConfigError, match="'vanilla' needs a teacher with the student's tokenizer.*dskd-cma"):
+        plan_rows(cfg, {cfg.grid.teachers[0].name: False, cfg.grid.teachers[1].name: False})
+
+
+def test_second_runner_and_changed_config_are_refused(grid_cfg, tmp_path):
+    exp = tmp_path / "exp"
+    cfg = grid_cfg(exp)
+    with experiment_lock(exp):
+        with pytest.raises(RunDirError, match=f"in use by another experiment runner \\(pid {os.getpid()}\\)"):
+            with experiment_lock(exp):
+                pass
+    check_config(exp, cfg)
+    check_config(exp, cfg.model_copy(update={"stats": cfg.stats.model_copy(update={"test": "ttest"})}))  # stats may change
+    with pytest.raises(RunDirError, match=r"different config \(data.max_eval_examples\)"):
+        check_config(exp, cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_eval_examples": 5})}))
+
+
+def outputs(exp: Path) -> dict[str, str]:
+    """Every row's predictions and scores, and the hypothesis results, as text."""
+    files = sorted(exp.glob("rows/*/predictions.jsonl")) + sorted(exp.glob("rows/*/scores.jsonl"))
+    files.append(exp / "results" / "hypotheses.json")
+    return {str(p.relative_to(exp)): p.read_text() for p in files}
+
+
+def test_grid_killed_at_random_moments_ends_as_an_uninterrupted_run(grid_cfg, finished, tmp_path):
+    reference, duration = finished
+    expected = outputs(reference)
+    assert len(expected) == 2 * 22 + 1
+    teacher = [json.loads(x) for x in (reference / "rows/teacher-plain-sft/predictions.jsonl").read_text().splitlines()]
+    assert any(r["prediction"] for r in teacher)  # the comparison below is over real text, not empty rows
+
+    exp = tmp_path / "killed"
+    cfg_path = tmp_path / "killed.yaml"
+    cfg_path.write_text(yaml.safe_dump(grid_cfg(exp).model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "distillqa.cli", "experiment", "run", str(cfg_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    kills = 0
+    for _ in range(2):  # kill -9 up to twice at random moments, then let it finish
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(2.0, 2.0 + duration))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills >= 1, f"the runs finished before any kill (seed {seed})"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = outputs(exp)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == expected[name], f"{name} differs after {kills} kills (seed {seed})"
+    assert (exp / "report.html").is_file()
+
+
+def test_report_embeds_both_plots_and_names_the_method(finished):
+    import matplotlib.image
+
+    exp, _ = finished
+    for plot in ("means", "effects"):
+        image = matplotlib.image.imread(exp / "plots" / f"{plot}.png")
+        assert image.shape[0] > 300 and image.shape[1] > 600
+    md, page = (exp / "report.md").read_text(), (exp / "report.html").read_text()
+    assert "Holm" in md and "rank-biserial" in md and md.count("null hypothesis rejected in") == 6
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
+    assert [len(h["results"]) for h in hyps] == [3] * 6
+    assert all(h["summary"].startswith("null hypothesis rejected in") and "of 3 metrics" in h["summary"] for h in hyps)
