@@ -57,7 +57,8 @@ def test_plan_has_the_studys_rows_and_matched_pairs(grid_cfg, tmp_path):
     assert [r.kind for r in rows].count("cell") == 16 and len(rows) == 22
     hyps = {h.name: h for h in plan_hypotheses(cfg, rows)}
     assert {k: len(h.pairs) for k, h in hyps.items()} == {
-        "teacher_sft": 8, "student_sft": 8, "both_sft": 4, "dskd_vs_vanilla": 4, "dskd-cma_vs_uld": 4, "vocabulary": 8}
+        "teacher_sft": 8, "student_sft": 8, "both_sft": 4, "dskd_vs_vanilla": 4, "dskd-cma_vs_uld": 4, "vocabulary": 8,
+        "teacher_model_sft": 2, "student_model_sft": 1}
     by_name = {r.name: r.factors for r in rows}
     for a, b in hyps["teacher_sft"].pairs:  # only the teacher state differs within a pair
         diff = {k for k in by_name[a] if by_name[a][k] != by_name[b][k]}
@@ -132,8 +133,8 @@ def test_report_embeds_both_plots_and_names_the_method(finished):
         image = matplotlib.image.imread(exp / "plots" / f"{plot}.png")
         assert image.shape[0] > 300 and image.shape[1] > 600
     md, page = (exp / "report.md").read_text(), (exp / "report.html").read_text()
-    assert "Holm" in md and "rank-biserial" in md and md.count("null hypothesis rejected in") == 6
+    assert "Holm" in md and "rank-biserial" in md and md.count("null hypothesis rejected in") == 8
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
-    assert [len(h["results"]) for h in hyps] == [3] * 6
+    assert [len(h["results"]) for h in hyps] == [3] * 8
     assert all(h["summary"].startswith("null hypothesis rejected in") and "of 3 metrics" in h["summary"] for h in hyps)

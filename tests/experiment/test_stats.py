@@ -19,8 +19,9 @@ def test_tests_agree_with_scipy_on_known_inputs():
 
 
 def test_rank_biserial_hand_worked():
-    # |d| ranks: 0.1->1, 0.2->2, 0.3->3, 0.4->4; positives 0.1, 0.3, 0.4 -> R+ = 8, R- = 2
-    assert rank_biserial(np.array([0.1, -0.2, 0.3, 0.4, 0.0])) == pytest.approx((8 - 2) / 10)
+    # ranks of |d| with the zero lowest: 0.0->1, 0.1->2, 0.2->3, 0.3->4, 0.4->5; R+ = 11, R- = 3, n(n+1)/2 = 15
+    assert rank_biserial(np.array([0.1, -0.2, 0.3, 0.4, 0.0])) == pytest.approx((11 - 3) / 15)
+    assert rank_biserial(np.array([0.0] * 99 + [-0.5])) == pytest.approx(-100 / 5050)  # one loss among ties is small
     assert rank_biserial(np.array([1.0, 2.0])) == 1.0 and rank_biserial(np.zeros(5)) == 0.0
 
 

@@ -116,4 +116,9 @@ def plan_hypotheses(cfg: ExperimentConfig, rows: list[Row]) -> list[Hypothesis]:
         pairs = _pairs(cells, changed, matched)
         if pairs:
             out.append(Hypothesis(name, question, pairs))
+    # The reference models themselves: does SFT help the teachers and the student before any KD?
+    for kind, factor, matched in (("teacher", "teacher_state", ("teacher",)), ("student", "student_state", ())):
+        pairs = _pairs([r for r in rows if r.kind == kind], {factor: ("sft", "base")}, matched)
+        if pairs:
+            out.append(Hypothesis(f"{kind}_model_sft", f"{kind} model alone: SFT vs base", pairs))
     return out

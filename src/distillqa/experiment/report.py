@@ -29,8 +29,9 @@ METHOD = (
     "Per metric, paired differences over the same test questions (pooled over the hypothesis' matched pairs "
     "of rows) are tested with the {test} test{test_note}; p-values are adjusted across the metrics of a "
     "hypothesis with {correction} and compared with alpha = {alpha}. The effect size is the matched-pairs "
-    "rank-biserial correlation r in [-1, 1], positive when the first system (A) scores higher; zero "
-    "differences are dropped, and a metric whose differences are all zero gets p = 1, r = 0. "
+    "rank-biserial correlation r in [-1, 1], positive when the first system (A) scores higher, with |d| ranked over all pairs and zero differences "
+    "ranked lowest, so ties pull it toward 0; the test drops zero differences, and a metric whose differences are all "
+    "zero gets p = 1, r = 0. "
     "Cell means carry 95% percentile-bootstrap confidence intervals over questions."
 )
 TEST_NOTES = {"wilcoxon": " (signed-rank; exact p for small samples without ties, normal approximation with tie "

@@ -7,9 +7,11 @@ For each metric: differences d_i = score_A(i) - score_B(i) over the examples bot
   used; exact p for small samples without ties, normal approximation with tie correction
   otherwise, as scipy.stats.wilcoxon decides), paired t-test, or a paired sign-flip
   permutation test of the mean difference;
-- the effect size: matched-pairs rank-biserial correlation r = (R+ - R-) / (R+ + R-), with R+
-  and R- the rank sums of positive and negative differences (ranks of |d|, zeros dropped), in
-  [-1, 1], positive when A scores higher;
+- the effect size: matched-pairs rank-biserial correlation r = (R+ - R-) / (n(n+1)/2), with R+
+  and R- the rank sums of positive and negative differences, ranking |d| over all n pairs with
+  zero differences ranked lowest (Pratt's ranking), in [-1, 1], positive when A scores higher.
+  Zeros count in the denominator, so one non-zero difference among many ties is a small
+  effect, not r = +-1;
 - the direction: "A" or "B" (which scored higher on average), or "tie".
 All differences zero: p = 1, r = 0, direction "tie" (no test statistic exists).
 Then Holm (default) or Benjamini-Hochberg adjusts the p-values across the hypothesis' metrics
@@ -45,13 +47,11 @@ class PairedResult:
 
 
 def rank_biserial(diff: np.ndarray) -> float:
-    """Matched-pairs rank-biserial correlation of paired differences (zeros dropped)."""
-    d = diff[diff != 0]
-    if d.size == 0:
+    """Matched-pairs rank-biserial correlation of paired differences (zeros ranked lowest, kept in n)."""
+    if diff.size == 0 or not np.any(diff):
         return 0.0
-    ranks = sps.rankdata(np.abs(d))
-    plus, minus = ranks[d > 0].sum(), ranks[d < 0].sum()
-    return float((plus - minus) / (plus + minus))
+    ranks = sps.rankdata(np.abs(diff))
+    return float((ranks[diff > 0].sum() - ranks[diff < 0].sum()) / ranks.sum())
 
 
 def paired_p_value(diff: np.ndarray, test: Test = "wilcoxon", permutations: int = 10_000, seed: int = 0) -> float:
