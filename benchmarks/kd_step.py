@@ -8,7 +8,7 @@ once they are loaded), on GPU the peak allocated memory. Ratios:
   time   = KD step / (teacher forward + SFT step)
   memory = KD peak / peak of (teacher forward, then SFT step, in one process)
 
-    python benchmarks/kd_step.py [--batch 4] [--length 256] [--answer-tokens 32] [--steps 2] [--chunk 64]
+    python benchmarks/kd_step.py [--batch 4] [--length 256] [--answer-tokens 32] [--steps 2] [--chunk 32]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

@@ -149,7 +149,7 @@ class KDConfig(Section):
     skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed KL divergences.")
     beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD.")
     head_mass: float = Field(0.5, gt=0, lt=1, description="mu of adaptive KL: teacher mass that makes up the head.")
-    chunk_size: int | None = Field(64, ge=1, description="Answer tokens projected to the vocabulary at a time (null: all at once).")
+    chunk_size: int | None = Field(32, ge=1, description="Answer tokens projected to the vocabulary at a time (null: all at once).")
     projector_lr: float = Field(1e-3, gt=0, description="Learning rate of the DSKD projectors.")
 
 
