@@ -117,6 +117,43 @@ def experiment_report(exp_dir: str = typer.Argument(..., help="An experiment dir
     typer.echo(f"wrote {_guard(lambda: write_report(exp_dir))}")
 
 
+rationales_app = typer.Typer(no_args_is_help=True, help="Rationale distillation on multiple-choice QA (CommonsenseQA).")
+app.add_typer(rationales_app, name="rationales")
+
+
+@rationales_app.command("experiment")
+def rationales_experiment(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """Train MT / CF / MT+CF students per rationale type and seed; accuracy, ANOVA, Tukey, report."""
+    from distillqa.config import RationaleExperimentConfig, load_config
+    from distillqa.rationales.experiment import run_rationale_experiment
+
+    cfg = _guard(lambda: load_config(RationaleExperimentConfig, config, set_))
+    exp = _guard(lambda: run_rationale_experiment(cfg))
+    for r in json.loads((exp / "results" / "runs.json").read_text()):
+        typer.echo(f"{r['cell']:28s} accuracy {r['accuracy']:.3f}  ({r['correct']}/{r['n']}, unparseable {r['unparseable']})")
+    typer.echo(f"report: {exp / 'report.md'} and {exp / 'report.html'}")
+
+
+@rationales_app.command("report")
+def rationales_report(exp_dir: str = typer.Argument(..., help="A rationale experiment directory.")) -> None:
+    """Recompute the ANOVA / Tukey tables and rewrite the report."""
+    from distillqa.rationales.report import write_rationale_report
+
+    typer.echo(f"wrote {_guard(lambda: write_rationale_report(exp_dir))}")
+
+
+@rationales_app.command("import")
+def rationales_import(source: str = typer.Argument(..., help="Teacher outputs (Llama-2 columns or distillqa's layout)."),
+                      out: str = typer.Argument(..., help="Output JSONL in distillqa's rationale layout.")) -> None:
+    """Validate teacher rationales and write them in distillqa's layout, with provenance."""
+    from distillqa.io import write_jsonl
+    from distillqa.rationales.data import read_rationales
+
+    rows = _guard(lambda: read_rationales(source))
+    write_jsonl(out, [ex.to_dict() for ex in rows])
+    typer.echo(f"wrote {len(rows)} rows to {out}")
+
+
 @app.command()
 def demo(set_: Optional[list[str]] = SetOpt) -> None:
     """The main job on the embedded default: the `quick` experiment grid into runs/demo, with its report."""

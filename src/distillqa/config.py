@@ -284,6 +284,13 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def apply_preset(presets: dict[str, dict], default: str, raw: Any) -> Any:
+    """The raw config laid over its preset's values (explicit keys win)."""
+    if isinstance(raw, dict) and (preset := raw.get("preset", default)) in presets:
+        return _deep_merge(presets[preset], raw)
+    return raw
+
+
 class ExperimentConfig(Section):
     """`distillqa experiment run`: the teacher x student x algorithm x vocabulary grid, statistics and report."""
 
@@ -303,11 +310,7 @@ class ExperimentConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            preset = v.get("preset", "quick")
-            if preset in EXPERIMENT_PRESETS:
-                return _deep_merge(EXPERIMENT_PRESETS[preset], v)
-        return v
+        return apply_preset(EXPERIMENT_PRESETS, "quick", v)
 
     @model_validator(mode="after")
     def _needs(self):
@@ -319,6 +322,58 @@ class ExperimentConfig(Section):
             raise ValueError("evaluate.metrics includes judge metrics: set evaluate.judge.url and evaluate.judge.model "
                              "(or evaluate.judge.local_model), or use evaluate.metrics=offline")
         return self
+
+
+RATIONALE_PRESETS: dict[str, dict] = {
+    # A CPU-sized run: a subset of CQA train, a subset of dev, a few minutes per cell.
+    "cpu": {
+        "max_train_examples": 96, "max_eval_examples": 100,
+        "train": {"max_steps": 24, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 8},
+        "generation": {"max_new_tokens": 72, "batch_size": 25},
+    },
+    # Hendriks et al.: lr 5e-5, batch 48, 5,000 steps, input and output length 300, full fine-tuning
+    # (their students were T5-v1.1 base/large; give a causal LM of that size here).
+    "paper": {
+        "lora": {"enabled": False},
+        "prompt": {"max_length": 600},
+        "train": {"max_steps": 5000, "batch_size": 48, "lr": 5e-5, "checkpoint_every": 500},
+        "generation": {"max_new_tokens": 300, "batch_size": 64},
+    },
+}
+
+
+class RationaleExperimentConfig(Section):
+    """`distillqa rationales experiment`: method x rationale type x seed, accuracy and ANOVA."""
+
+    preset: Literal["cpu", "paper", "none"] = Field("cpu", description="cpu (minutes per cell on a CPU), paper "
+                                                    "(the study's settings, GPUs), none.")
+    student: ModelConfig = Field(default_factory=ModelConfig, description="The student (causal LM).")
+    train_file: str | None = Field(None, description="Rationale JSONL for training (distillqa's layout or the "
+                                   "Llama-2 teacher outputs' columns), e.g. .../cqa-teacher-llama2/train.jsonl.")
+    eval_file: str | None = Field(None, description="Rationale JSONL whose questions, choices and answers are "
+                                  "the test set, e.g. .../cqa-teacher-llama2/test.jsonl (CQA dev).")
+    max_train_examples: int | None = Field(None, ge=1, description="The first N training questions.")
+    max_eval_examples: int | None = Field(None, ge=1, description="The first N test questions.")
+    methods: list[Literal["mt", "cf", "mt+cf"]] = Field(["mt", "cf", "mt+cf"], min_length=1, description="Training methods.")
+    rationale_types: list[Literal["unrevised", "revised"]] = Field(
+        ["unrevised", "revised"], min_length=1, description="Explanation targets: few-shot or critique-revised rationales.")
+    seeds: list[int] = Field([0, 1], min_length=1, description="Seeds (data order, LoRA init, counterfactual choice).")
+    alpha: float = Field(0.5, ge=0, le=1, description="MT: alpha * L_answer + (1 - alpha) * L_explain.")
+    beta: float = Field(0.5, ge=0, le=1, description="CF: beta * L_factual + (1 - beta) * L_counterfactual.")
+    gamma: float = Field(0.5, ge=0, le=1, description="MT+CF: gamma * MT + (1 - gamma) * CF.")
+    explain_examples: int = Field(20, ge=0, description="Test questions that also get an explanation written (MT, MT+CF).")
+    iqr_outlier: float = Field(1.5, ge=0, description="Drop runs beyond this many IQRs from their group's quartiles "
+                               "before the ANOVA (0 keeps all).")
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    output_dir: str = Field("runs/rationales", description="Experiment directory.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, v: Any) -> Any:
+        return apply_preset(RATIONALE_PRESETS, "cpu", v)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -375,7 +430,7 @@ def dump_config(cfg: BaseModel) -> str:
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig,
-    "experiment": ExperimentConfig,
+    "experiment": ExperimentConfig, "rationales": RationaleExperimentConfig,
 }
 
 

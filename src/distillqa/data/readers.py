@@ -86,7 +86,8 @@ def detect_format(path: Path) -> str:
     return "cqa" if isinstance(row, dict) and isinstance(row.get("question"), dict) else "jsonl"
 
 
-def _iter_json_lines(path: Path):
+def iter_json_lines(path: Path):
+    """(line number, object) for each non-blank line; invalid JSON or a non-object names the line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -113,7 +114,7 @@ def _text(row: dict, key: str, path: Path, where: str, required: bool = True) ->
 def read_jsonl(path: Path) -> tuple[list[QAExample], LoadReport]:
     """Read the generic format (see the module docstring and the README)."""
     examples, seen, report = [], {}, LoadReport()
-    for lineno, row in _iter_json_lines(path):
+    for lineno, row in iter_json_lines(path):
         where = f"line {lineno}"
         ex_id = row.get("id")
         if not isinstance(ex_id, (str, int)) or str(ex_id).strip() == "":
@@ -231,13 +232,13 @@ def read_cqa(path: Path, explanations: str | None = None) -> tuple[list[QAExampl
     """Read CommonsenseQA jsonl; join CoS-E explanations (`explanation.open-ended`) on `id` if given."""
     cose = {}
     if explanations:
-        for lineno, row in _iter_json_lines(Path(explanations)):
+        for lineno, row in iter_json_lines(Path(explanations)):
             exp = row.get("explanation")
             if not isinstance(exp, dict) or not isinstance(exp.get("open-ended"), str):
                 raise DataError(explanations, f"line {lineno}", "explanation.open-ended", "missing or not a string")
             cose[str(row.get("id"))] = exp["open-ended"]
     examples, report = [], LoadReport()
-    for lineno, row in _iter_json_lines(path):
+    for lineno, row in iter_json_lines(path):
         where = f"line {lineno} (id '{row.get('id')}')"
         q = row.get("question")
         if not isinstance(q, dict):

@@ -125,7 +125,7 @@ def plot_means(res: dict, path: Path) -> None:
     fig.suptitle("Mean score per row with 95% bootstrap CI (blue: teachers, grey: student, orange: distilled cells)",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_effects(res: dict, path: Path) -> None:
@@ -150,10 +150,10 @@ def plot_effects(res: dict, path: Path) -> None:
     fig.colorbar(im, ax=ax, label="rank-biserial effect size (A vs B)")
     ax.set_title("Effect size per hypothesis and metric (* = null rejected after correction)", fontsize=11)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import yaml
+from pydantic import BaseModel
 
 from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig, dump_config)
 from distillqa.errors import RunDirError
@@ -52,12 +53,13 @@ def experiment_lock(exp: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def check_config(exp: Path, cfg: ExperimentConfig) -> None:
+def check_config(exp: Path, cfg: BaseModel, mutable: tuple[str, ...] = ("stats.",)) -> None:
     """Write experiment.yaml, or refuse if the directory holds an experiment with another config.
-    Only `stats` may change between runs: the statistics are recomputed, nothing else is."""
+    Only keys starting with a `mutable` prefix may change between runs: they affect the
+    statistics, which are recomputed, and nothing else."""
     path, text = exp / "experiment.yaml", dump_config(cfg)
     if path.is_file():
-        diff = [k for k in _diff_keys(yaml.safe_load(path.read_text()), yaml.safe_load(text)) if not k.startswith("stats.")]
+        diff = [k for k in _diff_keys(yaml.safe_load(path.read_text()), yaml.safe_load(text)) if not k.startswith(mutable)]
         if diff:
             raise RunDirError(f"{exp} holds an experiment with a different config ({', '.join(diff)}); "
                               "choose another output_dir or delete it")
