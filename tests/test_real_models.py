@@ -1,6 +1,7 @@
 """The real bundled models, offline: load, SFT a few steps, generate; derive the 15-layer student."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,37 @@ def test_experiment_grid_with_real_models(tmp_path):
     assert all(r["n"] == 4 for r in hyps[0]["results"])
     rows = json.loads((exp / "results" / "rows.json").read_text())
     assert len(rows) == 5 and "data:image/png;base64," in (exp / "report.html").read_text()
+
+
+LLAMA2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cqa-teacher-llama2"
+CQA = LLAMA2.parent / "cqa"
+
+
+@pytest.mark.skipif(not (CQA / "dev_rand_split.jsonl").is_file(), reason="shared CommonsenseQA not present")
+def test_real_teacher_writes_rationales_revisions_and_counterfactuals(tmp_path):
+    from distillqa.config import RationaleGenerateConfig
+    from distillqa.rationales.data import read_rationales
+    from distillqa.rationales.generate import run_rationale_generate
+
+    out = run_rationale_generate(load_config(RationaleGenerateConfig, None, [
+        "teacher.local_model=smollm2-135m", "teacher.max_tokens=24", f"teacher.cache={tmp_path}/c.sqlite",
+        f"data.source={CQA / 'dev_rand_split.jsonl'}", "data.format=cqa", "limit=2", "revisions=1",
+        f"output={tmp_path}/t.jsonl"]))
+    rows = read_rationales(out)
+    assert len(rows) == 2 and all(len(r.counterfactuals) == 5 for r in rows)
+    assert sum(bool(r.rationale) for r in rows) + sum(bool(r.revised_rationale) for r in rows) >= 3
+
+
+@pytest.mark.skipif(not (LLAMA2 / "train.jsonl").is_file(), reason="shared Llama-2 teacher outputs not present")
+def test_real_student_learns_from_llama2_rationales(tmp_path):
+    from distillqa.config import RationaleExperimentConfig
+    from distillqa.rationales.experiment import run_rationale_experiment
+
+    exp = run_rationale_experiment(load_config(RationaleExperimentConfig, None, [
+        f"train_file={LLAMA2 / 'train.jsonl'}", f"eval_file={LLAMA2 / 'test.jsonl'}", "max_train_examples=4",
+        "max_eval_examples=4", "methods=[mt, cf]", "rationale_types=[revised]", "seeds=[0]", "explain_examples=1",
+        "train.max_steps=1", "train.batch_size=2", "generation.max_new_tokens=24", "lora.r=4",
+        f"output_dir={tmp_path}/exp"]), echo=lambda msg: None)
+    runs = json.loads((exp / "results" / "runs.json").read_text())
+    assert [r["cell"] for r in runs] == ["mt_revised_seed0", "cf_revised_seed0"] and all(r["n"] == 4 for r in runs)
+    assert "no residual degrees of freedom" in (exp / "report.md").read_text()

@@ -121,6 +121,15 @@ rationales_app = typer.Typer(no_args_is_help=True, help="Rationale distillation 
 app.add_typer(rationales_app, name="rationales")
 
 
+@rationales_app.command("generate")
+def rationales_generate(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """A teacher writes rationales, critique-revised rationales and counterfactual rationales (resumable)."""
+    from distillqa.config import RationaleGenerateConfig, load_config
+    from distillqa.rationales.generate import run_rationale_generate
+
+    typer.echo(f"wrote {_guard(lambda: run_rationale_generate(load_config(RationaleGenerateConfig, config, set_)))}")
+
+
 @rationales_app.command("experiment")
 def rationales_experiment(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Train MT / CF / MT+CF students per rationale type and seed; accuracy, ANOVA, Tukey, report."""
@@ -176,7 +185,7 @@ def serve(model: str = typer.Argument(..., help="Any model name: registry, run d
 
 
 @app.command("config")
-def show_config(command: str = typer.Argument(..., help="sft, distill, generate, evaluate or experiment.")) -> None:
+def show_config(command: str = typer.Argument(..., help="sft, distill, generate, evaluate, experiment, rationales or rationales-generate.")) -> None:
     """Print every config key of a command with its default and description, as YAML."""
     from distillqa.config import SCHEMAS, describe_config
 

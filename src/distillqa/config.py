@@ -324,6 +324,24 @@ class ExperimentConfig(Section):
         return self
 
 
+class RationaleGenerateConfig(Section):
+    """`distillqa rationales generate`: teacher rationales, critique-revisions and counterfactuals."""
+
+    teacher: JudgeConfig = Field(default_factory=JudgeConfig, description="The teacher: `local_model` (any model "
+                                 "name), or `url` + `model` of an OpenAI-compatible endpoint; cache, concurrency, retries, "
+                                 "max_tokens as for the judge.")
+    data: DataConfig = Field(default_factory=lambda: DataConfig(source="train_rand_split.jsonl", format="cqa"),
+                             description="Multiple-choice questions, e.g. CommonsenseQA train.")
+    limit: int | None = Field(None, ge=1, description="The first N questions.")
+    kinds: list[Literal["revised", "counterfactual"]] = Field(
+        ["revised", "counterfactual"], description="Besides the rationale: critique-revised rationales, counterfactual rationales.")
+    revisions: int = Field(2, ge=1, description="Critique-revision instruction pairs sampled per question.")
+    templates: str = Field("v1", description="Version of the prompt templates (src/distillqa/rationales/templates/).")
+    batch_size: int = Field(8, ge=1, description="Questions per batch of teacher requests.")
+    seed: int = Field(0, description="Seed of the instruction-pair sampling.")
+    output: str = Field("runs/teacher-rationales.jsonl", description="Output JSONL (distillqa's rationale layout).")
+
+
 RATIONALE_PRESETS: dict[str, dict] = {
     # A CPU-sized run: a subset of CQA train, a subset of dev, a few minutes per cell.
     "cpu": {
@@ -431,6 +449,7 @@ def dump_config(cfg: BaseModel) -> str:
 SCHEMAS: dict[str, type[BaseModel]] = {
     "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig,
     "experiment": ExperimentConfig, "rationales": RationaleExperimentConfig,
+    "rationales-generate": RationaleGenerateConfig,
 }
 
 

@@ -50,7 +50,7 @@ def test_reads_the_real_llama2_teacher_outputs():
 
 @pytest.mark.parametrize("change, field", [
     ({"answer": "swamp"}, "field 'answer'"), ({"choices": ["one"]}, "field 'choices'"),
-    ({"counterfactuals": ["a", "b"]}, "field 'counterfactuals'"), ({"rationale": ""}, "field 'rationale'"),
+    ({"counterfactuals": ["a", "b"]}, "field 'counterfactuals'"), ({"question": ""}, "field 'question'"),
     ({"revised_rationale": 3}, "field 'revised_rationale'")])
 def test_bad_rows_name_file_line_and_field(tmp_path, change, field):
     bad = rows(2)
@@ -173,3 +173,33 @@ def test_missing_files_and_counterfactuals_are_clear_errors(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", plain)
     with pytest.raises(ConfigError, match="need counterfactual rationales, but .*r.jsonl has none"):
         load_data(load_config(RationaleExperimentConfig, None, [f"train_file={path}", f"eval_file={path}"]))
+
+
+def test_teacher_generation_is_complete_resumable_and_recorded(tiny_chat_model, tmp_path):
+    from distillqa.config import RationaleGenerateConfig
+    from distillqa.rationales.generate import run_rationale_generate
+
+    cqa = [{"id": f"c{i}", "question": {"stem": f"Where is thing {i}?", "choices": [
+        {"label": l, "text": t} for l, t in zip("ABCDE", CHOICES)]}, "answerKey": "ABCDE"[i % 5]} for i in range(5)]
+    source = write_jsonl(tmp_path / "cqa.jsonl", cqa)
+    overrides = [f"teacher.local_model={tiny_chat_model}", "teacher.max_tokens=6", f"teacher.cache={tmp_path}/cache.sqlite",
+                 f"data.source={source}", "data.format=cqa", "batch_size=2", "revisions=2", f"output={tmp_path}/t.jsonl"]
+    cfg = load_config(RationaleGenerateConfig, None, overrides)
+    out = run_rationale_generate(cfg)
+    examples = read_rationales(out)
+    assert [ex.id for ex in examples] == [f"c{i}" for i in range(5)]
+    assert all(len(ex.counterfactuals) == 5 and ex.provenance["template_version"] == "v1" for ex in examples)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(len(r["revision_instructions"]) == 2 for r in rows) and rows[0]["provenance"]["teacher"] == tiny_chat_model
+
+    # A killed run: two questions written, then a torn line; the rerun writes the same file.
+    partial = tmp_path / "t.partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + '{"id": "c2", "quest')
+    expected = out.read_text()
+    out.unlink()
+    assert run_rationale_generate(cfg).read_text() == expected and not partial.exists()
+    with pytest.raises(Exception, match="different config"):
+        out.unlink()
+        run_rationale_generate(load_config(RationaleGenerateConfig, None, overrides + ["revisions=1"]))
+    with pytest.raises(ConfigError, match="set teacher.local_model"):
+        run_rationale_generate(load_config(RationaleGenerateConfig, None, [f"output={tmp_path}/x.jsonl"]))

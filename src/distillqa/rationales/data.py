@@ -6,8 +6,8 @@ One JSONL row per question, in distillqa's own format (what `rationales generate
      "rationale": "...", "revised_rationale": "...", "counterfactuals": ["why a", "why b", ...],
      "provenance": {"teacher": "...", "template_version": "...", "decoding": {...}}}
 
-`revised_rationale` and `counterfactuals` (one rationale per choice, arguing for it) may be
-missing or empty where the teacher wrote none; such questions are skipped, and counted, by
+`rationale`, `revised_rationale` and `counterfactuals` (one rationale per choice, arguing for
+it) may be missing or empty where the teacher wrote none; such questions are skipped, and counted, by
 the methods that need that text. The column layout of the Llama-2 teacher outputs of
 Hendriks et al. (`few_shot_positive_rationale`, `few_shot_revision`,
 `counterfactual_prompt_answer_{k}_rationale`, k = 1..len(choices)) is read as well, so those
@@ -31,7 +31,7 @@ class RationaleExample:
     question: str
     choices: tuple[str, ...]
     answer: str
-    rationale: str
+    rationale: str | None
     revised_rationale: str | None = None
     counterfactuals: tuple[str, ...] = ()
     provenance: dict = field(default_factory=dict, compare=False, hash=False)
@@ -72,13 +72,13 @@ def parse_row(row: dict, path: str, where: str) -> RationaleExample:
     if answer not in choices:
         raise DataError(path, where, "answer", f"'{answer}' is not one of the choices {choices}")
     if "few_shot_positive_rationale" in row:  # the Llama-2 teacher outputs' columns
-        rationale = _text(row, "few_shot_positive_rationale", path, where)
+        rationale = _optional(row, "few_shot_positive_rationale", path, where)
         revised = _optional(row, "few_shot_revision", path, where)
         keys = [f"counterfactual_prompt_answer_{k}_rationale" for k in range(1, len(choices) + 1)]
         counterfactuals = [_optional(row, k, path, where) or "" for k in keys] if keys[0] in row else []
         provenance = {"teacher": "Llama-2 (imported)", "file": path}
     else:
-        rationale = _text(row, "rationale", path, where)
+        rationale = _optional(row, "rationale", path, where)
         revised = _optional(row, "revised_rationale", path, where)
         counterfactuals = row.get("counterfactuals") or []
         if counterfactuals and (len(counterfactuals) != len(choices) or not all(isinstance(c, str) for c in counterfactuals)):
