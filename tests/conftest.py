@@ -19,11 +19,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int = 0, vocab: int = 512, hidden: int = 32) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer trained on the bundled sample."""
-    import torch
+def tiny_tokenizer(vocab: int = 512, chat: bool = False):
+    """A byte-level BPE tokenizer trained on the bundled sample."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from distillqa.data import load_examples
 
@@ -38,6 +37,15 @@ def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int =
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>")
     if chat:
         tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int = 0, vocab: int = 512, hidden: int = 32) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained on the bundled sample."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer(vocab, chat)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -45,6 +53,21 @@ def build_tiny_model(out: Path, chat: bool = False, layers: int = 4, seed: int =
                       tie_word_embeddings=True, initializer_range=0.2)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tiny_t5(out: Path, seed: int = 0) -> Path:
+    """A tiny random T5 (v1.1 layout: gated-GELU, untied head) with the tiny BPE tokenizer."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 
@@ -70,3 +93,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_model(tmp_path_factory) -> str:
+    return str(build_tiny_t5(tmp_path_factory.mktemp("tiny") / "t5"))

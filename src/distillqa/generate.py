@@ -19,6 +19,7 @@ from distillqa.data.prompts import PromptBuilder, collate_left
 from distillqa.data.records import QAExample
 from distillqa.errors import RunDirError
 from distillqa.io import append_jsonl, read_partial_jsonl, write_jsonl, write_text
+from distillqa.models.lora import is_encoder_decoder
 from distillqa.models.registry import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ def generate_batch(model, tok, prompts: list[list[int]], cfg: GenerationConfig, 
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(**batch, **kwargs)
-    return [t.strip() for t in tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
+    if not is_encoder_decoder(model):  # a causal LM returns the prompt too; a decoder only its own tokens
+        out = out[:, batch["input_ids"].shape[1] :]
+    return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
 def generate_predictions(

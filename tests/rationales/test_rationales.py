@@ -203,3 +203,35 @@ def test_teacher_generation_is_complete_resumable_and_recorded(tiny_chat_model, 
         run_rationale_generate(load_config(RationaleGenerateConfig, None, overrides + ["revisions=1"]))
     with pytest.raises(ConfigError, match="set teacher.local_model"):
         run_rationale_generate(load_config(RationaleGenerateConfig, None, [f"output={tmp_path}/x.jsonl"]))
+
+
+def test_encoder_decoder_student_loss_and_experiment(tiny_t5_model, tmp_path):
+    from distillqa.models.registry import load_model, load_tokenizer
+    from distillqa.rationales.experiment import run_rationale_experiment
+
+    tok, model = load_tokenizer(tiny_t5_model), load_model(tiny_t5_model)
+    assert model.config.is_encoder_decoder
+    prompts = TaskPrompts(tok, "auto", 256, seq2seq=True)
+    examples = read_rationales(write_jsonl(tmp_path / "r.jsonl", rows(4)))
+    weights = task_weights("mt")
+    items, _ = training_items(prompts, examples, weights, "unrevised", seed=0)
+    explain = [e for e, t in items[0] if TASKS[t] == "explain"][0]
+    assert tok.decode(explain.labels, skip_special_tokens=True).startswith("Thing 0 lives") and explain.labels[-1] == tok.eos_token_id
+    batch = collate_tasks(items, tok.pad_token_id, seq2seq=True)
+    loss, logs = WeightedTaskCE(weights)(model, batch)
+    for t in weights:  # each task's CE equals the model's own seq2seq loss on that task's rows
+        rows_t = batch["task"] == TASKS.index(t)
+        own = model(input_ids=batch["input_ids"][rows_t], attention_mask=batch["attention_mask"][rows_t],
+                    labels=batch["labels"][rows_t]).loss
+        assert logs[t] == pytest.approx(own.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(0.5 * logs["answer"] + 0.5 * logs["explain"], rel=1e-5)
+
+    exp = run_rationale_experiment(load_config(RationaleExperimentConfig, None, [
+        f"student.name={tiny_t5_model}", f"train_file={tmp_path / 'r.jsonl'}", f"eval_file={tmp_path / 'r.jsonl'}",
+        "methods=[mt, cf]", "rationale_types=[revised]", "seeds=[0]", "train.max_steps=2", "train.batch_size=2",
+        "lora.target_modules=[q, v, wi_0, wo]", "generation.max_new_tokens=6", f"output_dir={tmp_path}/exp"]),
+        echo=lambda m: None)
+    runs = json.loads((exp / "results" / "runs.json").read_text())
+    assert [r["n"] for r in runs] == [4, 4]
+    preds = [json.loads(x) for x in (exp / "answers" / "cf_revised_seed0" / "predictions.jsonl").read_text().splitlines()]
+    assert any(p["prediction"] for p in preds)  # the decoder's own tokens, not sliced away as a prompt would be

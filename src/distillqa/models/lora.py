@@ -8,6 +8,10 @@ from distillqa.config import LoraConfig
 from distillqa.errors import ConfigError
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with LoRA adapters (only they train) or, if disabled, train all weights."""
     if not cfg.enabled:
@@ -22,7 +26,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     if missing:
         raise ConfigError(f"lora.target_modules: {missing} not found in {type(model).__name__}")
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM"
     )
     return get_peft_model(model, peft_cfg)
 

@@ -157,9 +157,23 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
+def is_encoder_decoder_model(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether `name` (any model name, run directories included) is an encoder-decoder LM, read from its config."""
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if "@layers=" not in name and path.is_dir() and is_run_dir(path):
+        return is_encoder_decoder_model(_run_info(path)["base_model"], trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not read the config of model '{name}': {_first_line(e)}") from None
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def load_model(name: str, precision: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM by any name `resolve_model_path` accepts, or a finished run directory."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM (or an encoder-decoder LM) by any name `resolve_model_path` accepts, or a finished run directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     dtype = resolve_dtype(precision)
     path = Path(name).expanduser()
@@ -172,9 +186,10 @@ def load_model(name: str, precision: str = "auto", trust_remote_code: bool = Fal
             return PeftModel.from_pretrained(base, str(path / "final" / "adapter")).merge_and_unload()
     src = resolve_model_path(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            src, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        # Encoder-decoder students (T5) for the rationale study; everything else is a causal LM.
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        return auto.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as e:
         known = ", ".join(REGISTRY)
         raise ModelError(

@@ -73,7 +73,7 @@ def train_cell(cfg: RationaleExperimentConfig, path: Path, prompts: TaskPrompts,
     torch.manual_seed(seed)
     model = apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
     train_loop(model, WeightedTaskCE(weights), items, cfg.train.model_copy(update={"seed": seed}), run,
-               partial(collate_tasks, pad_id=tok.pad_token_id))
+               partial(collate_tasks, pad_id=tok.pad_token_id, seq2seq=prompts.seq2seq))
     save_final(run, model, tok, lora=cfg.lora.enabled)
 
 
@@ -116,14 +116,15 @@ def answer_cell(cfg: RationaleExperimentConfig, run_path: Path, out: Path, promp
 
 
 def run_rationale_experiment(cfg: RationaleExperimentConfig, echo: Callable[[str], None] | None = None) -> Path:
-    from distillqa.models.registry import load_tokenizer
+    from distillqa.models.registry import is_encoder_decoder_model, load_tokenizer
     from distillqa.rationales.report import write_rationale_report
 
     echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
     exp = Path(cfg.output_dir)
     train, test = load_data(cfg)
     tok = load_tokenizer(cfg.student.name, cfg.student.trust_remote_code)
-    prompts = TaskPrompts(tok, cfg.prompt.template, cfg.prompt.max_length)
+    prompts = TaskPrompts(tok, cfg.prompt.template, cfg.prompt.max_length, 
+                          seq2seq=is_encoder_decoder_model(cfg.student.name, cfg.student.trust_remote_code))
     cells = list(product(cfg.methods, cfg.rationale_types, cfg.seeds))
     with experiment_lock(exp):
         check_config(exp, cfg, mutable=("iqr_outlier",))

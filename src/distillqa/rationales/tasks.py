@@ -14,6 +14,8 @@ Methods weight them (alpha, beta, gamma in [0, 1], 0.5 by default):
 Each L is the mean cross-entropy over that task's target tokens in the batch; one training item
 is one question with all its task sequences, so every batch holds every task.
 
+Causal LMs and encoder-decoder LMs (T5, as in the study) are both students.
+
 At test time MT and MT+CF answer with the answer task (and explain with the explain task); CF
 answers with the factual task, whose output carries its own explanation.
 """
@@ -29,6 +31,7 @@ from torch import nn
 
 from distillqa.data.prompts import IGNORE, Encoded, PromptBuilder, collate_right
 from distillqa.data.records import QAExample
+from distillqa.models.lora import is_encoder_decoder
 from distillqa.rationales.data import RationaleExample
 from distillqa.train.objectives import answer_states, project_to_vocab
 
@@ -69,10 +72,24 @@ def wrong_choice(ex: RationaleExample, seed: int) -> int | None:
 
 
 class TaskPrompts:
-    """One PromptBuilder per task (they differ only in the instruction)."""
+    """One PromptBuilder per task (they differ only in the instruction). For an encoder-decoder
+    student the prompt is the encoder input and the target the decoder labels, each at most
+    `max_length` tokens (the study's input and output lengths); a causal LM gets both in one
+    sequence of at most `max_length`."""
 
-    def __init__(self, tok, template: str, max_length: int):
-        self.builders = {t: PromptBuilder(tok, template, INSTRUCTIONS[t], max_length) for t in TASKS}
+    def __init__(self, tok, template: str, max_length: int, seq2seq: bool = False):
+        self.builders = {t: PromptBuilder(tok, "plain" if seq2seq else template, INSTRUCTIONS[t], max_length) for t in TASKS}
+        self.tok, self.max_length, self.seq2seq = tok, max_length, seq2seq
+
+    def _pair(self, task: str, qa: QAExample, target: str) -> Encoded | None:
+        build = self.builders[task]
+        if not self.seq2seq:
+            return build.encode_train(qa, target)
+        prompt = build.fit_prompt(qa, self.max_length, anchor=None)
+        labels = self.tok(target.strip())["input_ids"][: self.max_length - 1]
+        if labels[-1:] != [self.tok.eos_token_id]:  # the decoder must learn to stop
+            labels.append(self.tok.eos_token_id)
+        return None if prompt is None else Encoded(qa.id, prompt, labels)
 
     @staticmethod
     def as_qa(ex: RationaleExample, context: str = "") -> QAExample:
@@ -80,18 +97,18 @@ class TaskPrompts:
 
     def encode(self, task: str, ex: RationaleExample, rationale_type: str, seed: int) -> Encoded | None:
         """The task's training sequence; None if it does not fit or the teacher text it needs is missing."""
-        build, rationale = self.builders[task], ex.explanation(rationale_type)
+        rationale = ex.explanation(rationale_type)
         if task == "answer":
-            return build.encode_train(self.as_qa(ex), answer_sentence(ex.answer))
+            return self._pair(task, self.as_qa(ex), answer_sentence(ex.answer))
         if task in ("explain", "factual") and rationale is None:
             return None
         if task == "explain":
-            return build.encode_train(self.as_qa(ex), rationale)
+            return self._pair(task, self.as_qa(ex), rationale)
         if task == "factual":
-            return build.encode_train(self.as_qa(ex), f"{rationale} {answer_sentence(ex.answer, so=True)}")
+            return self._pair(task, self.as_qa(ex), f"{rationale} {answer_sentence(ex.answer, so=True)}")
         if (k := wrong_choice(ex, seed)) is None:
             return None
-        return build.encode_train(self.as_qa(ex, ex.counterfactuals[k]), answer_sentence(ex.choices[k], so=True))
+        return self._pair(task, self.as_qa(ex, ex.counterfactuals[k]), answer_sentence(ex.choices[k], so=True))
 
     def prompt(self, task: str, ex: RationaleExample, max_new_tokens: int) -> list[int] | None:
         return self.builders[task].encode_prompt(self.as_qa(ex), max_new_tokens)
@@ -111,9 +128,14 @@ def training_items(prompts: TaskPrompts, examples: list[RationaleExample], weigh
     return items, skipped
 
 
-def collate_tasks(items: list[list[tuple[Encoded, int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_tasks(items: list[list[tuple[Encoded, int]]], pad_id: int, seq2seq: bool = False) -> dict[str, torch.Tensor]:
     flat = [pair for item in items for pair in item]
-    batch = collate_right([e for e, _ in flat], pad_id)
+    if seq2seq:  # encoder inputs and decoder labels are padded separately
+        inputs = collate_right([Encoded(e.id, e.input_ids, e.input_ids) for e, _ in flat], pad_id)
+        targets = collate_right([Encoded(e.id, e.labels, e.labels) for e, _ in flat], pad_id)
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": targets["labels"]}
+    else:
+        batch = collate_right([e for e, _ in flat], pad_id)
     batch["task"] = torch.tensor([t for _, t in flat], dtype=torch.long)
     return batch
 
@@ -126,10 +148,17 @@ class WeightedTaskCE(nn.Module):
         self.weights = {TASKS.index(t): w for t, w in weights.items() if w > 0}
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden, targets = answer_states(model, batch)
-        keep = batch["labels"][:, 1:] != IGNORE
+        if is_encoder_decoder(model):  # the decoder predicts every label position
+            labels = batch["labels"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+            keep = labels != IGNORE
+            logits, targets = logits[keep].float(), labels[keep]
+        else:
+            hidden, targets = answer_states(model, batch)
+            keep = batch["labels"][:, 1:] != IGNORE
+            logits = project_to_vocab(model, hidden)
         token_task = batch["task"][:, None].expand_as(keep)[keep]
-        ce = F.cross_entropy(project_to_vocab(model, hidden), targets, reduction="none")
+        ce = F.cross_entropy(logits, targets, reduction="none")
         loss, logs = ce.new_zeros(()), {}
         for t, w in self.weights.items():
             mask = token_task == t
