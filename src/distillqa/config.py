@@ -350,7 +350,7 @@ RATIONALE_PRESETS: dict[str, dict] = {
         "generation": {"max_new_tokens": 72, "batch_size": 25},
     },
     # Hendriks et al.: lr 5e-5, batch 48, 5,000 steps, input and output length 300, full fine-tuning
-    # (their students were T5-v1.1 base/large; give a causal LM of that size here).
+    # (their students were T5-v1.1 base/large: set student.name to one).
     "paper": {
         "lora": {"enabled": False},
         "prompt": {"max_length": 600},
@@ -365,7 +365,7 @@ class RationaleExperimentConfig(Section):
 
     preset: Literal["cpu", "paper", "none"] = Field("cpu", description="cpu (minutes per cell on a CPU), paper "
                                                     "(the study's settings, GPUs), none.")
-    student: ModelConfig = Field(default_factory=ModelConfig, description="The student (causal LM).")
+    student: ModelConfig = Field(default_factory=ModelConfig, description="The student: a causal LM or an encoder-decoder LM (T5).")
     train_file: str | None = Field(None, description="Rationale JSONL for training (distillqa's layout or the "
                                    "Llama-2 teacher outputs' columns), e.g. .../cqa-teacher-llama2/train.jsonl.")
     eval_file: str | None = Field(None, description="Rationale JSONL whose questions, choices and answers are "
