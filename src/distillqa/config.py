@@ -353,7 +353,7 @@ RATIONALE_PRESETS: dict[str, dict] = {
     # (their students were T5-v1.1 base/large: set student.name to one).
     "paper": {
         "lora": {"enabled": False},
-        "prompt": {"max_length": 600},
+        "prompt": {"max_length": 300},
         "train": {"max_steps": 5000, "batch_size": 48, "lr": 5e-5, "checkpoint_every": 500},
         "generation": {"max_new_tokens": 300, "batch_size": 64},
     },
