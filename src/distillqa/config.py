@@ -347,7 +347,8 @@ RATIONALE_PRESETS: dict[str, dict] = {
     "cpu": {
         "max_train_examples": 96, "max_eval_examples": 100,
         "train": {"max_steps": 24, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 8},
-        "generation": {"max_new_tokens": 72, "batch_size": 25},
+        # CF writes the whole rationale before its answer: revised rationales run to ~115 tokens.
+        "generation": {"max_new_tokens": 160, "batch_size": 25},
     },
     # Hendriks et al.: lr 5e-5, batch 48, 5,000 steps, input and output length 300, full fine-tuning
     # (their students were T5-v1.1 base/large: set student.name to one).

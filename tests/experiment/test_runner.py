@@ -73,6 +73,17 @@ def test_same_vocabulary_algorithm_with_other_tokenizer_is_refused(grid_cfg, tmp
         plan_rows(cfg, {cfg.grid.teachers[0].name: False, cfg.grid.teachers[1].name: False})
 
 
+def test_an_invalid_grid_fails_before_claiming_the_directory(grid_cfg, tmp_path):
+    cfg = grid_cfg(tmp_path / "exp")
+    teachers = [t.model_copy(update={"algorithms": ["vanilla"]}) for t in cfg.grid.teachers]
+    bad = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"teachers": teachers})})
+    with pytest.raises(ConfigError, match="'vanilla' needs a teacher with the student's tokenizer"):
+        run_experiment(bad, echo=lambda msg: None)
+    assert not (tmp_path / "exp" / "experiment.yaml").exists()
+    run_experiment(cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"teacher_states": ["base"],
+                   "student_states": ["base"]})}), echo=lambda msg: None)  # the fixed config is accepted
+
+
 def test_second_runner_and_changed_config_are_refused(grid_cfg, tmp_path):
     exp = tmp_path / "exp"
     cfg = grid_cfg(exp)
@@ -137,4 +148,5 @@ def test_report_embeds_both_plots_and_names_the_method(finished):
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
     assert [len(h["results"]) for h in hyps] == [3] * 8
+    assert all(r["n"] == 12 for h in hyps for r in h["results"])  # one paired difference per question, pairs averaged
     assert all(h["summary"].startswith("null hypothesis rejected in") and "of 3 metrics" in h["summary"] for h in hyps)

@@ -40,7 +40,8 @@ class Encoded:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, template: str = "auto", instruction: str = "", max_length: int = 512):
+    def __init__(self, tokenizer, template: str = "auto", instruction: str = "", max_length: int = 512,
+                 separate_output: bool = False):
         self.tok = tokenizer
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
@@ -48,6 +49,9 @@ class PromptBuilder:
         self.chat = template == "chat" or (template == "auto" and has_chat)
         self.instruction = instruction
         self.max_length = max_length
+        # An encoder-decoder model reads the prompt and writes the answer in separate sequences,
+        # each up to max_length; a causal LM fits both into one.
+        self.separate_output = separate_output
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no end-of-sequence token, which answers need")
 
@@ -107,7 +111,8 @@ class PromptBuilder:
         return Encoded(ex.id, prompt + ans, [IGNORE] * len(prompt) + ans)
 
     def encode_prompt(self, ex: QAExample, max_new_tokens: int) -> list[int] | None:
-        return self.fit_prompt(ex, self.max_length - max_new_tokens, anchor=None)
+        budget = self.max_length if self.separate_output else self.max_length - max_new_tokens
+        return self.fit_prompt(ex, budget, anchor=None)
 
 
 def collate_right(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,9 +6,10 @@ Reads plan.json, experiment.yaml and every row's scores.jsonl; writes
     plots/means.png, plots/effects.png
     report.md, report.html    (the HTML embeds the plots, so it is one self-contained file)
 
-A hypothesis pools its matched pairs of rows: every (pair, question) contributes one paired
-difference, so "teacher SFT vs base" over 8 cell pairs and 24 questions is one test on 192
-differences per metric.
+A hypothesis averages over its matched pairs of rows: per question, the A rows' mean score and
+the B rows' mean score, so "teacher SFT vs base" over 8 cell pairs and 16 questions is one
+paired test on 16 differences per metric (the pairs share questions, so their differences are
+not independent and are not counted as separate observations).
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ from distillqa.io import atomic_path, read_jsonl, write_json, write_text
 from distillqa.metrics.registry import METRICS, resolve_metrics
 
 METHOD = (
-    "Per metric, paired differences over the same test questions (pooled over the hypothesis' matched pairs "
-    "of rows) are tested with the {test} test{test_note}; p-values are adjusted across the metrics of a "
+    "Per metric, paired differences over the same test questions (per question, the mean score of the hypothesis' "
+    "A rows minus that of its B rows) are tested with the {test} test{test_note}; p-values are adjusted across the metrics of a "
     "hypothesis with {correction} and compared with alpha = {alpha}. The effect size is the matched-pairs "
-    "rank-biserial correlation r in [-1, 1], positive when the first system (A) scores higher, with |d| ranked over all pairs and zero differences "
-    "ranked lowest, so ties pull it toward 0; the test drops zero differences, and a metric whose differences are all "
-    "zero gets p = 1, r = 0. "
+    "rank-biserial correlation r in [-1, 1], positive when the first system (A) scores higher, with |d| ranked over all questions and zero differences "
+    "ranked lowest, so ties pull it toward 0. A metric whose differences are all zero gets p = 1, r = 0. "
     "Cell means carry 95% percentile-bootstrap confidence intervals over questions."
 )
-TEST_NOTES = {"wilcoxon": " (signed-rank; exact p for small samples without ties, normal approximation with tie "
-                          "correction otherwise)", "ttest": "", "permutation": " (10,000 random sign flips)"}
+TEST_NOTES = {"wilcoxon": " (signed-rank, zero differences dropped; scipy chooses an exact, permutation or normal-"
+                          "approximation p-value by sample size and ties)", "ttest": " (zero differences kept)",
+              "permutation": " (10,000 random sign flips of the differences, zeros kept)"}
 CORRECTIONS = {"holm": "Holm's step-down method", "bh": "Benjamini-Hochberg", "none": "no correction"}
 
 
@@ -65,14 +66,20 @@ def load_experiment(exp: Path) -> tuple[dict, dict, dict[str, dict[str, dict]]]:
     return cfg, plan, scores
 
 
-def pooled(scores: dict[str, dict[str, dict]], pairs: list[list[str]]) -> tuple[dict, dict]:
-    """Per-example score dicts of systems A and B with keys `pair:example` so one test covers every pair."""
-    a, b = {}, {}
-    for k, (row_a, row_b) in enumerate(pairs):
-        for ex, s in scores[row_a].items():
-            if ex in scores[row_b]:
-                a[f"{k}:{ex}"], b[f"{k}:{ex}"] = s, scores[row_b][ex]
-    return a, b
+def pooled(scores: dict[str, dict[str, dict]], pairs: list[list[str]], metrics: list[str]) -> tuple[dict, dict]:
+    """Per-question scores of sides A and B, each the mean over the hypothesis' pairs (missing scores left out)."""
+
+    def side(rows: list[str]) -> dict[str, dict[str, float | None]]:
+        out = {}
+        for ex in set.intersection(*(set(scores[r]) for pair in pairs for r in pair)):
+            out[ex] = {}
+            for m in metrics:
+                vals = [scores[r][ex].get(m) for r in rows]
+                vals = [v for v in vals if v is not None]
+                out[ex][m] = sum(vals) / len(vals) if vals else None
+        return out
+
+    return side([a for a, _ in pairs]), side([b for _, b in pairs])
 
 
 def compute_results(exp: Path) -> dict:
@@ -86,7 +93,7 @@ def compute_results(exp: Path) -> dict:
     st = cfg["stats"]
     hyps = []
     for h in plan["hypotheses"]:
-        a, b = pooled(scores, h["pairs"])
+        a, b = pooled(scores, h["pairs"], metrics)
         results = compare(a, b, metrics, st["test"], st["correction"], st["alpha"])
         hyps.append({**h, "summary": summarize_hypothesis(results, {m: METRICS[m].family for m in metrics}),
                      "results": [r.to_dict() for r in results]})
@@ -188,7 +195,7 @@ def blocks(res: dict) -> list[tuple]:
         ("table", ["row", "n"] + metrics, cell_table),
         ("img", "plots/means.png", "metric means per row"),
         ("h2", "Paired tests per hypothesis and metric"),
-        ("table", ["hypothesis", "metric", "n pairs", "mean A", "mean B", "effect r", "p", "p adjusted", "rejected",
+        ("table", ["hypothesis", "metric", "questions", "mean A", "mean B", "effect r", "p", "p adjusted", "rejected",
                    "higher"], detail),
         ("h2", "Matched pairs of each hypothesis (A vs B)"),
         ("table", ["hypothesis", "pairs"], pairs),
@@ -244,9 +251,10 @@ def write_report(exp: str | Path) -> Path:
     res = compute_results(exp)
     write_json(exp / "results" / "rows.json", res["rows"])
     write_json(exp / "results" / "hypotheses.json", res["hypotheses"])
-    plot_means(res, exp / "plots" / "means.png")
-    if res["hypotheses"] and res["metrics"]:
-        plot_effects(res, exp / "plots" / "effects.png")
+    if res["metrics"]:
+        plot_means(res, exp / "plots" / "means.png")
+        if res["hypotheses"]:
+            plot_effects(res, exp / "plots" / "effects.png")
     doc = [b for b in blocks(res) if not (b[0] == "img" and not (exp / b[1]).is_file())]
     write_text(exp / "report.md", to_markdown(doc))
     write_text(exp / "report.html", to_html(doc, exp))

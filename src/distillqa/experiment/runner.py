@@ -152,10 +152,10 @@ def run_experiment(cfg: ExperimentConfig, echo: Callable[[str], None] | None = N
 
     echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
     exp = Path(cfg.output_dir)
+    rows = plan_rows(cfg, vocabularies(cfg))  # an invalid grid fails here, before the directory is claimed
+    hypotheses = plan_hypotheses(cfg, rows)
     with experiment_lock(exp):
         check_config(exp, cfg)
-        rows = plan_rows(cfg, vocabularies(cfg))
-        hypotheses = plan_hypotheses(cfg, rows)
         write_json(exp / "plan.json", {"rows": [{"name": r.name, "kind": r.kind, "factors": r.factors} for r in rows],
                                        "hypotheses": [asdict(h) for h in hypotheses]})
         plan = plan_stages(cfg, exp, rows)

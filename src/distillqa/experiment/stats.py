@@ -13,7 +13,8 @@ For each metric: differences d_i = score_A(i) - score_B(i) over the examples bot
   Zeros count in the denominator, so one non-zero difference among many ties is a small
   effect, not r = +-1;
 - the direction: "A" or "B" (which scored higher on average), or "tie".
-All differences zero: p = 1, r = 0, direction "tie" (no test statistic exists).
+All differences zero: p = 1, r = 0, direction "tie" (no test statistic exists); a t or
+permutation test of a single difference: p = 1.
 Then Holm (default) or Benjamini-Hochberg adjusts the p-values across the hypothesis' metrics
 and each metric is rejected at level alpha if its adjusted p < alpha.
 """
@@ -59,6 +60,8 @@ def paired_p_value(diff: np.ndarray, test: Test = "wilcoxon", permutations: int 
         return 1.0
     if test == "wilcoxon":
         return float(sps.wilcoxon(diff, zero_method="wilcox").pvalue)
+    if diff.size < 2 and test != "wilcoxon":
+        return 1.0  # one difference: no test is possible
     if test == "ttest":
         if np.all(diff == diff[0]):  # constant non-zero differences: zero variance, the effect is certain
             return 0.0

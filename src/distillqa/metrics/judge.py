@@ -107,7 +107,7 @@ def parse_relevance(reply: str) -> tuple[str, int] | None:
 
 
 class ReplyCache:
-    """Judge replies in SQLite, keyed by sha256(judge model, prompt, attempt); safe across threads."""
+    """Judge replies in SQLite, keyed by sha256(judge model, prompt, attempt, max_tokens); safe across threads."""
 
     def __init__(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +117,8 @@ class ReplyCache:
         self.hits = 0
 
     @staticmethod
-    def key(model: str, prompt: str, attempt: int) -> str:
-        return hashlib.sha256(f"{model}\0{attempt}\0{prompt}".encode()).hexdigest()
+    def key(model: str, prompt: str, attempt: int, max_tokens: int) -> str:
+        return hashlib.sha256(f"{model}\0{attempt}\0{max_tokens}\0{prompt}".encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
         with self._lock:
@@ -144,7 +144,7 @@ class Judge:
 
     def complete_many(self, prompts: list[str], attempt: int = 0) -> list[str]:
         replies: list[str | None] = [None] * len(prompts)
-        keys = [ReplyCache.key(self.model, p, attempt) for p in prompts]
+        keys = [ReplyCache.key(self.model, p, attempt, self.max_tokens) for p in prompts]
         if self.cache:
             replies = [self.cache.get(k) for k in keys]
         todo = [i for i, r in enumerate(replies) if r is None]
@@ -215,10 +215,14 @@ class LocalJudge(Judge):
     """A local causal LM as judge (any registry name, path or run directory); slow, for offline use."""
 
     def __init__(self, model_name: str, batch_size: int = 8, **kwargs):
+        import torch
+
         from distillqa.models.registry import load_model, load_tokenizer
 
         super().__init__(model_name, **kwargs)
         self.tok, self.lm, self.batch_size = load_tokenizer(model_name), load_model(model_name), batch_size
+        if torch.cuda.is_available():
+            self.lm.to("cuda")
 
     def _complete(self, prompts: list[str], attempt: int) -> list[str]:
         from distillqa.config import GenerationConfig

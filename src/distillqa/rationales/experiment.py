@@ -35,6 +35,7 @@ from distillqa.rationales.tasks import TaskPrompts, WeightedTaskCE, collate_task
 from distillqa.train.run_dir import RunDir
 
 ANSWER_TOKENS = 16  # "The answer is <choice>." fits easily
+STATS_ONLY = ("iqr_outlier",)  # config keys that may change between runs: the statistics are recomputed
 
 
 def cell_name(method: str, rationale_type: str, seed: int) -> str:
@@ -66,8 +67,9 @@ def train_cell(cfg: RationaleExperimentConfig, path: Path, prompts: TaskPrompts,
 
     weights = task_weights(method, cfg.alpha, cfg.beta, cfg.gamma)
     items, skipped = training_items(prompts, train, weights, rationale_type, seed)
+    # Only what shapes the training: keys that change the statistics alone may differ on resume.
     cell_cfg = yaml.safe_dump({"method": method, "rationale_type": rationale_type, "seed": seed,
-                               "experiment": cfg.model_dump(mode="json")}, sort_keys=False)
+                               "experiment": cfg.model_dump(mode="json", exclude=set(STATS_ONLY))}, sort_keys=False)
     run = RunDir.open(path, cell_cfg, kind="rationale", base_model=cfg.student.name, resume=(path / "run.json").is_file())
     run.update(train_examples=len(items), skipped_too_long=skipped, weights=weights)
     torch.manual_seed(seed)
@@ -100,17 +102,19 @@ def answer_cell(cfg: RationaleExperimentConfig, run_path: Path, out: Path, promp
                                          out / "explanations.jsonl", desc=f"explain {out.name}")
         explanations = {r["id"]: r["prediction"] for r in read_jsonl(explained)}
     by_id = {ex.id: ex for ex in test}
-    rows, correct, unparseable = [], 0, 0
+    rows, correct, unparseable, too_long = [], 0, 0, 0
     for r in read_jsonl(preds):
         ex = by_id[r["id"]]
         said = parse_answer(r["prediction"], ex.choices)
-        unparseable += said is None
+        too_long += "note" in r  # prompt did not fit prompt.max_length: an empty answer
+        unparseable += said is None and "note" not in r
         correct += said == ex.answer
         if r["id"] in explanations:
             rows.append({"id": ex.id, "question": ex.question, "choices": list(ex.choices), "gold": ex.answer,
                          "predicted": said, "explanation": explanations[r["id"]]})
     write_jsonl(out / "study.jsonl", rows)
-    summary = {"n": len(test), "correct": correct, "accuracy": correct / len(test), "unparseable": unparseable}
+    summary = {"n": len(test), "correct": correct, "accuracy": correct / len(test), "unparseable": unparseable,
+               "prompt_too_long": too_long}
     write_json(out / "accuracy.json", summary)
     return summary
 
@@ -123,11 +127,14 @@ def run_rationale_experiment(cfg: RationaleExperimentConfig, echo: Callable[[str
     exp = Path(cfg.output_dir)
     train, test = load_data(cfg)
     tok = load_tokenizer(cfg.student.name, cfg.student.trust_remote_code)
-    prompts = TaskPrompts(tok, cfg.prompt.template, cfg.prompt.max_length, 
-                          seq2seq=is_encoder_decoder_model(cfg.student.name, cfg.student.trust_remote_code))
+    seq2seq = is_encoder_decoder_model(cfg.student.name, cfg.student.trust_remote_code)
+    if not seq2seq and cfg.generation.max_new_tokens >= cfg.prompt.max_length:
+        raise ConfigError(f"generation.max_new_tokens ({cfg.generation.max_new_tokens}) must be below prompt.max_length "
+                          f"({cfg.prompt.max_length}): a causal student's prompt and answer share that length")
+    prompts = TaskPrompts(tok, cfg.prompt.template, cfg.prompt.max_length, seq2seq=seq2seq)
     cells = list(product(cfg.methods, cfg.rationale_types, cfg.seeds))
     with experiment_lock(exp):
-        check_config(exp, cfg, mutable=("iqr_outlier",))
+        check_config(exp, cfg, mutable=STATS_ONLY)
         started = time.monotonic()
         for k, (method, rtype, seed) in enumerate(cells):
             name = cell_name(method, rtype, seed)

@@ -58,21 +58,25 @@ def write_rationale_report(exp: str | Path) -> Path:
         groups.setdefault((r["method"], r["rationale_type"]), []).append(r)
     acc_table = [[m.upper(), t, f"{np.mean([r['accuracy'] for r in rs]):.3f}", f"{np.std([r['accuracy'] for r in rs], ddof=1):.3f}"
                   if len(rs) > 1 else "-", ", ".join(f"{r['accuracy']:.3f}" for r in rs),
-                  sum(r["unparseable"] for r in rs), rs[0]["n"]] for (m, t), rs in groups.items()]
+                  sum(r["unparseable"] for r in rs), sum(r.get("prompt_too_long", 0) for r in rs), rs[0]["n"]]
+                 for (m, t), rs in groups.items()]
     doc = [("h1", "distillqa rationale distillation report"),
            ("p", f"Student {cfg['student']['name']}, trained on {cfg['train_file']} (first {cfg['max_train_examples'] or 'all'} "
                  f"questions), tested on {cfg['eval_file']} (first {cfg['max_eval_examples'] or 'all'}). Accuracy: the choice named "
                  "after the last 'the answer is' in the output, matched to the choice texts; outputs without it count as wrong "
                  "and are counted as unparseable."),
            ("h2", "Accuracy"),
-           ("table", ["method", "rationale", "mean", "SD", "per seed", "unparseable (all seeds)", "questions"], acc_table),
+           ("table", ["method", "rationale", "mean", "SD", "per seed", "unparseable (all seeds)", "prompt too long",
+                      "questions"], acc_table),
            ("img", "plots/accuracy.png", "accuracy by method and rationale type"),
            ("h2", "Two-way ANOVA and Tukey HSD")]
     if "skipped" in stats:
         doc.append(("p", f"No ANOVA: {stats['skipped']}."))
     else:
-        doc.append(("p", f"OLS model {stats['formula']}, type II sums of squares, after the 1.5 x IQR outlier rule "
-                         f"(k = {cfg['iqr_outlier']}; dropped: {', '.join(stats['outliers_dropped']) or 'none'})."))
+        k = cfg["iqr_outlier"]
+        rule = (f"after the {k:g} x IQR outlier rule (dropped: {', '.join(stats['outliers_dropped']) or 'none'}; the "
+                "accuracy table and plot above still show every run)") if k > 0 else "with every run (no outlier rule)"
+        doc.append(("p", f"OLS model {stats['formula']}, type II sums of squares, {rule}."))
         doc.append(("table", ["source", "sum of squares", "df", "F", "p"],
                     [[r["source"], _fmt(r["sum_sq"]), _fmt(r["df"]), _fmt(r["F"]), _fmt(r["p"])] for r in stats["anova"]]))
         for name, rows in stats["tukey"].items():

@@ -78,7 +78,8 @@ class TaskPrompts:
     sequence of at most `max_length`."""
 
     def __init__(self, tok, template: str, max_length: int, seq2seq: bool = False):
-        self.builders = {t: PromptBuilder(tok, "plain" if seq2seq else template, INSTRUCTIONS[t], max_length) for t in TASKS}
+        self.builders = {t: PromptBuilder(tok, "plain" if seq2seq else template, INSTRUCTIONS[t], max_length,
+                                          separate_output=seq2seq) for t in TASKS}
         self.tok, self.max_length, self.seq2seq = tok, max_length, seq2seq
 
     def _pair(self, task: str, qa: QAExample, target: str) -> Encoded | None:
@@ -86,10 +87,12 @@ class TaskPrompts:
         if not self.seq2seq:
             return build.encode_train(qa, target)
         prompt = build.fit_prompt(qa, self.max_length, anchor=None)
-        labels = self.tok(target.strip())["input_ids"][: self.max_length - 1]
+        labels = self.tok(target.strip())["input_ids"]
         if labels[-1:] != [self.tok.eos_token_id]:  # the decoder must learn to stop
             labels.append(self.tok.eos_token_id)
-        return None if prompt is None else Encoded(qa.id, prompt, labels)
+        if prompt is None or len(labels) > self.max_length:  # never cut the answer off a target: skip, counted
+            return None
+        return Encoded(qa.id, prompt, labels)
 
     @staticmethod
     def as_qa(ex: RationaleExample, context: str = "") -> QAExample:
