@@ -345,8 +345,8 @@ class RationaleGenerateConfig(Section):
 RATIONALE_PRESETS: dict[str, dict] = {
     # A CPU-sized run: a subset of CQA train, a subset of dev, a few minutes per cell.
     "cpu": {
-        "max_train_examples": 96, "max_eval_examples": 100,
-        "train": {"max_steps": 24, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 8},
+        "max_train_examples": 64, "max_eval_examples": 60,
+        "train": {"max_steps": 16, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 8},
         # CF writes the whole rationale before its answer: revised rationales run to ~115 tokens.
         "generation": {"max_new_tokens": 160, "batch_size": 25},
     },
