@@ -80,7 +80,8 @@ def write_rationale_report(exp: str | Path) -> Path:
         doc.append(("table", ["source", "sum of squares", "df", "F", "p"],
                     [[r["source"], _fmt(r["sum_sq"]), _fmt(r["df"]), _fmt(r["F"]), _fmt(r["p"])] for r in stats["anova"]]))
         for name, rows in stats["tukey"].items():
-            doc.append(("p", f"Tukey HSD over {'methods' if name == 'method' else 'method / rationale-type groups'}:"))
+            doc.append(("p", f"Tukey HSD over {'methods' if name == 'method' else 'method / rationale-type groups'} "
+                             "(meandiff = mean of group2 - mean of group1):"))
             doc.append(("table", list(rows[0]), [[_fmt(v) for v in r.values()] for r in rows]))
     doc += [("h2", "Configuration"), ("pre", yaml.safe_dump(cfg, sort_keys=False))]
     write_text(exp / "report.md", to_markdown(doc))
