@@ -31,7 +31,7 @@ from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, M
 from distillqa.errors import RunDirError
 from distillqa.experiment.grid import STUDENT_SFT_DIR, Row, plan_hypotheses, plan_rows, teacher_sft_dir
 from distillqa.io import write_json, write_text
-from distillqa.train.run_dir import RunDir, _diff_keys
+from distillqa.train.run_dir import RunDir, diff_keys
 
 
 @contextmanager
@@ -59,7 +59,7 @@ def check_config(exp: Path, cfg: BaseModel, mutable: tuple[str, ...] = ("stats."
     statistics, which are recomputed, and nothing else."""
     path, text = exp / "experiment.yaml", dump_config(cfg)
     if path.is_file():
-        diff = [k for k in _diff_keys(yaml.safe_load(path.read_text()), yaml.safe_load(text)) if not k.startswith(mutable)]
+        diff = [k for k in diff_keys(yaml.safe_load(path.read_text()), yaml.safe_load(text)) if not k.startswith(mutable)]
         if diff:
             raise RunDirError(f"{exp} holds an experiment with a different config ({', '.join(diff)}); "
                               "choose another output_dir or delete it")
@@ -80,12 +80,21 @@ class Stage:
         self.label, self.done, self.run = label, done, run
 
 
+def teacher_model(exp: Path, teacher: str, state: str) -> str:
+    """The teacher as a row or a cell uses it: its SFT run, or the model itself."""
+    return str(exp / teacher_sft_dir(teacher)) if state == "sft" else teacher
+
+
+def student_model(cfg: ExperimentConfig, exp: Path, state: str) -> str:
+    return str(exp / STUDENT_SFT_DIR) if state == "sft" else cfg.grid.student.name
+
+
 def row_model(cfg: ExperimentConfig, exp: Path, row: Row) -> str:
     f = row.factors
     if row.kind == "teacher":
-        return str(exp / teacher_sft_dir(f["teacher"])) if f["teacher_state"] == "sft" else f["teacher"]
+        return teacher_model(exp, f["teacher"], f["teacher_state"])
     if row.kind == "student":
-        return str(exp / STUDENT_SFT_DIR) if f["student_state"] == "sft" else cfg.grid.student.name
+        return student_model(cfg, exp, f["student_state"])
     return str(exp / "cells" / row.name)
 
 
@@ -122,10 +131,9 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
         stages = []
         if row.kind == "cell":
             f = row.factors
-            teacher = str(exp / teacher_sft_dir(f["teacher"])) if f["teacher_state"] == "sft" else f["teacher"]
-            start = str(exp / STUDENT_SFT_DIR) if f["student_state"] == "sft" else student.name
             stages.append(training("distill", DistillConfig(
-                teacher=ModelConfig(name=teacher), student=student.model_copy(update={"name": start}), lora=cfg.distill.lora,
+                teacher=ModelConfig(name=teacher_model(exp, f["teacher"], f["teacher_state"])),
+                student=student.model_copy(update={"name": student_model(cfg, exp, f["student_state"])}), lora=cfg.distill.lora,
                 train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update={"algorithm": f["algorithm"]}),
                 output_dir=str(exp / "cells" / row.name), **shared), run_distill))
         out = exp / "rows" / row.name
@@ -160,15 +168,15 @@ def run_experiment(cfg: ExperimentConfig, echo: Callable[[str], None] | None = N
                                        "hypotheses": [asdict(h) for h in hypotheses]})
         plan = plan_stages(cfg, exp, rows)
         total = len(rows)
+        done_rows = sum(all(s.done() for s in stages) for name, stages in plan if name != "sft")
         started = time.monotonic()
         for row_name, stages in plan:
-            done_rows = sum(all(s.done() for s in st) for name, st in plan if name != "sft")
-            for stage in stages:
-                if stage.done():
-                    continue
+            pending = [stage for stage in stages if not stage.done()]
+            for stage in pending:
                 minutes = (time.monotonic() - started) / 60
                 echo(f"[experiment] rows {done_rows}/{total} done, {minutes:.1f} min: {stage.label}")
                 stage.run()
+            done_rows += bool(pending) and row_name != "sft"
         echo(f"[experiment] rows {total}/{total} done in {(time.monotonic() - started) / 60:.1f} min; writing the report")
         report = write_report(exp)
     echo(f"[experiment] report: {report}")

@@ -136,18 +136,22 @@ def run_rationale_experiment(cfg: RationaleExperimentConfig, echo: Callable[[str
     with experiment_lock(exp):
         check_config(exp, cfg, mutable=STATS_ONLY)
         started = time.monotonic()
+
+        def progress(k: int, stage: str) -> None:
+            echo(f"[rationales] cells {k}/{len(cells)} done, {(time.monotonic() - started) / 60:.1f} min: {stage}")
+
+        runs = []
         for k, (method, rtype, seed) in enumerate(cells):
             name = cell_name(method, rtype, seed)
             run_path, out = exp / "cells" / name, exp / "answers" / name
-            minutes = (time.monotonic() - started) / 60
             if not RunDir(run_path).finished:
-                echo(f"[rationales] cells {k}/{len(cells)} done, {minutes:.1f} min: train {name}")
+                progress(k, f"train {name}")
                 train_cell(cfg, run_path, prompts, tok, train, method, rtype, seed)
             if not (out / "accuracy.json").is_file():
-                echo(f"[rationales] cells {k}/{len(cells)} done, {minutes:.1f} min: answer {name}")
+                progress(k, f"answer {name}")
                 answer_cell(cfg, run_path, out, prompts, test, method)
-        runs = [{"cell": cell_name(m, r, s), "method": m, "rationale_type": r, "seed": s,
-                 **json.loads((exp / "answers" / cell_name(m, r, s) / "accuracy.json").read_text())} for m, r, s in cells]
+            runs.append({"cell": name, "method": method, "rationale_type": rtype, "seed": seed,
+                         **json.loads((out / "accuracy.json").read_text())})
         write_json(exp / "results" / "runs.json", runs)
         report = write_rationale_report(exp)
     echo(f"[rationales] {len(cells)} cells done in {(time.monotonic() - started) / 60:.1f} min; report: {report}")

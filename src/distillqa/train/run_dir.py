@@ -48,7 +48,7 @@ class RunDir:
                 raise RunDirError(f"{run.path} already holds a {status} {run.info.get('kind')} run; {hint}")
             old = yaml.safe_load((run.path / "config.yaml").read_text())
             new = yaml.safe_load(config_yaml)
-            diff = _diff_keys(old, new)
+            diff = diff_keys(old, new)
             if diff:
                 raise RunDirError(f"cannot resume {run.path}: its config differs in {', '.join(diff)}")
             return run
@@ -91,10 +91,10 @@ class RunDir:
         self.update(status="finished", finished=time.time())
 
 
-def _diff_keys(old, new, prefix: str = "") -> list[str]:
+def diff_keys(old, new, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
-            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+            out += diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]
