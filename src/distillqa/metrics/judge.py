@@ -61,9 +61,12 @@ class JudgeError(ConfigError):
 
 
 def _first_json_object(reply: str) -> dict | None:
-    for match in re.finditer(r"\{[^{}]*\}", reply, flags=re.DOTALL):
+    """The first JSON object in the reply, decoded from each `{` in turn, so that braces inside
+    strings and nested objects are read as JSON reads them."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", reply):
         try:
-            obj = json.loads(match.group(0))
+            obj, _ = decoder.raw_decode(reply, match.start())
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict):
