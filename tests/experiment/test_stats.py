@@ -1,5 +1,7 @@
 """Paired statistics against scipy on known inputs, and on synthetic tables with planted truth."""
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -7,15 +9,27 @@ from scipy import stats as sps
 from distillqa.experiment.stats import adjust, compare, paired_p_value, rank_biserial, summarize_hypothesis
 
 
-def test_tests_agree_with_scipy_on_known_inputs():
-    rng = np.random.default_rng(0)
-    d = rng.normal(0.1, 1.0, 40)
-    assert paired_p_value(d, "wilcoxon") == pytest.approx(sps.wilcoxon(d).pvalue)
-    assert paired_p_value(d, "ttest") == pytest.approx(sps.ttest_rel(d, np.zeros_like(d)).pvalue)
-    # with 2^n sign flips enumerated exactly, the permutation p equals scipy's exact value
-    small = np.array([0.5, 1.2, -0.3, 0.8, 0.9, 1.1, -0.2, 0.7])
-    exact = sps.permutation_test((small,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue
-    assert paired_p_value(small, "permutation") == pytest.approx(exact)
+def test_p_values_equal_hand_computed_exact_values():
+    # d = 1..7 and -8 (in 16ths). Ranks of |d| are the values themselves; R- = 8. Under the null
+    # each rank's sign is a fair coin: P(R- <= 8) = #(subsets of {1..8} summing to <= 8) / 2^8.
+    # Subsets by sum 0..8: 1, 1, 1, 2, 2, 3, 4, 5, 6 -> 25, so the exact two-sided p = 2 * 25/256.
+    d = np.array([1, 2, 3, 4, 5, 6, 7, -8]) / 16
+    assert paired_p_value(d, "wilcoxon") == pytest.approx(50 / 256)
+    # Sign-flip permutation of the mean: |sum| >= 20/16 for a flip set of sum <= 8 or >= 28
+    # (its complement <= 8): 25 + 25 of the 256 equally likely flips.
+    assert paired_p_value(d, "permutation") == pytest.approx(50 / 256)
+    # The same two counts by enumerating all 2^8 sign assignments.
+    flips = np.array(list(itertools.product([1, -1], repeat=8)))
+    signed = flips * np.abs(d)
+    assert np.mean(np.abs(signed.sum(1)) >= abs(d.sum()) - 1e-12) == pytest.approx(50 / 256)
+    r_minus = (np.where(signed < 0, np.arange(1, 9), 0)).sum(1)
+    assert 2 * np.mean(r_minus <= 8) == pytest.approx(50 / 256)
+    # t-test, d = (1, 2, 3): mean 2, sd 1, t = 2 / (1 / sqrt 3) = 2 sqrt 3 with 2 degrees of freedom,
+    # whose two-sided tail is 1 - t / sqrt(t^2 + 2).
+    t = 2 * 3**0.5
+    assert paired_p_value(np.array([1.0, 2.0, 3.0]), "ttest") == pytest.approx(1 - t / (t * t + 2) ** 0.5)
+    # d = (1, 3): t = 2 with 1 degree of freedom (Cauchy): p = 1 - (2 / pi) arctan 2.
+    assert paired_p_value(np.array([1.0, 3.0]), "ttest") == pytest.approx(1 - 2 / np.pi * np.arctan(2.0))
 
 
 def test_rank_biserial_hand_worked():
