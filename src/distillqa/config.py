@@ -153,6 +153,24 @@ class KDConfig(Section):
     projector_lr: float = Field(1e-3, gt=0, description="Learning rate of the DSKD projectors.")
 
 
+class HealConfig(Section):
+    """Healing of a layer-pruned student: forward KL from its parent over every token of a corpus."""
+
+    steps: int = Field(0, ge=0, description="Optimizer steps of healing (0: no healing).")
+    corpus: str = Field("train", description="`train`: the training split's prompts with their reference answers, in the "
+                        "model's chat format; or a .txt file, or a .jsonl file with a `text` field per line.")
+    batch_size: int = Field(4, ge=1, description="Sequences per step.")
+    max_length: int = Field(256, ge=16, description="Tokens per sequence (longer text is cut into pieces of this size).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (all weights train; cosine decay after 5% warm-up).")
+    chunk_size: int | None = Field(128, ge=1, description="Token positions projected to the vocabulary at a time (null: all).")
+    calibration_examples: int = Field(32, ge=1, description="Corpus sequences on which measured layer specs "
+                                      "(`angular:K`, `block-influence:K`) rank the layers.")
+    eval_examples: int = Field(16, ge=0, description="Validation questions answered after healing for the recorded "
+                               "zero-shot ROUGE-L (needs a QA data source; 0: skip).")
+    seed: int = Field(0, description="Seed of the data order.")
+    checkpoint_every: int = Field(20, ge=1, description="Save a resumable checkpoint every this many steps.")
+
+
 class JudgeConfig(Section):
     url: str | None = Field(None, description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
     model: str | None = Field(None, description="Judge model name sent to the endpoint.")
@@ -201,14 +219,29 @@ Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld"]
 State = Literal["base", "sft"]
 
 
+class DeriveConfig(Section):
+    """`distillqa derive-student`: a layer-pruned student, optionally healed from its parent."""
+
+    parent: ModelConfig = Field(default_factory=ModelConfig, description="The model whose layers are pruned.")
+    layers: str = Field("angular:20", description="Layers kept: `every-other`, indices and ranges (`0-3,8`), or measured on "
+                        "the corpus: `angular:K` (drop the most redundant contiguous block) or `block-influence:K`.")
+    data: DataConfig = Field(default_factory=DataConfig, description="QA data: the `train` corpus and the zero-shot check.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    heal: HealConfig = Field(default_factory=HealConfig)
+    output_dir: str = Field("runs/student", description="The student: a model directory, or a run directory when healed.")
+
+
 class TeacherSpec(Section):
     name: str = Field(..., description="Teacher model (any model name).")
     algorithms: list[Algorithm] = Field(..., min_length=1, description="KD algorithms run with this teacher.")
 
 
 class GridConfig(Section):
-    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=every-other"),
-                                 description="The student of every cell.")
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=angular:20"),
+                                 description="The student of every cell; `<parent>@layers=<spec>` prunes a parent model.")
+    heal: HealConfig = Field(default_factory=lambda: HealConfig(steps=120), description="Healing of a pruned student "
+                             "(`@layers=` in its name) before anything else; its result is the grid's student base. "
+                             "Cached by parent, layers, corpus and budget, and shared by experiments.")
     teachers: list[TeacherSpec] = Field(
         default_factory=lambda: [TeacherSpec(name="smollm2-135m", algorithms=["vanilla", "dskd"]),
                                  TeacherSpec(name="gemma3-270m", algorithms=["dskd-cma", "uld"])],
@@ -411,7 +444,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or 'parse error'})") from None
     return raw
 
 
@@ -423,8 +459,16 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory, not a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start + 1}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError(f"config file {path}: invalid YAML: {where}{getattr(e, 'problem', None) or e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: expected a mapping of keys to values")
     raw = apply_overrides(raw, overrides or [])
@@ -435,12 +479,12 @@ def validate_config(schema: type[C], raw: dict, source: str = "config") -> C:
     try:
         return schema.model_validate(raw)
     except ValidationError as e:
-        lines = []
+        problems = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {key}: {msg}")
-        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+            problems.append(f"{key}: {msg}")
+        raise ConfigError(f"{source}: invalid configuration: " + "; ".join(problems)) from None
 
 
 def dump_config(cfg: BaseModel) -> str:

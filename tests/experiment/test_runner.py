@@ -26,6 +26,7 @@ def tiny_grid(student: str, same: str, other: str, out: Path) -> dict:
     return {
         "preset": "quick",
         "grid": {"student": f"{student}@layers=every-other",
+                 "heal": {"steps": 2, "batch_size": 4, "checkpoint_every": 1, "eval_examples": 2},
                  "teachers": [{"name": same, "algorithms": ["vanilla", "dskd"]}, {"name": other, "algorithms": ["dskd-cma", "uld"]}]},
         "data": {"max_train_examples": 16, "max_eval_examples": 12},
         "sft": {"train": fast}, "distill": {"train": fast},
@@ -54,11 +55,11 @@ def finished(grid_cfg, tmp_path_factory) -> tuple[Path, float]:
 def test_plan_has_the_studys_rows_and_matched_pairs(grid_cfg, tmp_path):
     cfg = grid_cfg(tmp_path / "exp")
     rows = plan_rows(cfg, {cfg.grid.teachers[0].name: True, cfg.grid.teachers[1].name: False})
-    assert [r.kind for r in rows].count("cell") == 16 and len(rows) == 22
+    assert [r.kind for r in rows].count("cell") == 16 and [r.kind for r in rows].count("sft-only") == 2 and len(rows) == 24
     hyps = {h.name: h for h in plan_hypotheses(cfg, rows)}
     assert {k: len(h.pairs) for k, h in hyps.items()} == {
         "teacher_sft": 8, "student_sft": 8, "both_sft": 4, "dskd_vs_vanilla": 4, "dskd-cma_vs_uld": 4, "vocabulary": 8,
-        "teacher_model_sft": 2, "student_model_sft": 1}
+        "kd_vs_sft": 16, "teacher_model_sft": 2, "student_model_sft": 1}
     by_name = {r.name: r.factors for r in rows}
     for a, b in hyps["teacher_sft"].pairs:  # only the teacher state differs within a pair
         diff = {k for k in by_name[a] if by_name[a][k] != by_name[b][k]}
@@ -88,7 +89,7 @@ def test_second_runner_and_changed_config_are_refused(grid_cfg, tmp_path):
     exp = tmp_path / "exp"
     cfg = grid_cfg(exp)
     with experiment_lock(exp):
-        with pytest.raises(RunDirError, match=f"in use by another experiment runner \\(pid {os.getpid()}\\)"):
+        with pytest.raises(RunDirError, match=f"in use by another process running an experiment there \\(pid {os.getpid()}\\)"):
             with experiment_lock(exp):
                 pass
     check_config(exp, cfg)
@@ -107,7 +108,7 @@ def outputs(exp: Path) -> dict[str, str]:
 def test_grid_killed_at_random_moments_ends_as_an_uninterrupted_run(grid_cfg, finished, tmp_path):
     reference, duration = finished
     expected = outputs(reference)
-    assert len(expected) == 2 * 22 + 1
+    assert len(expected) == 2 * 24 + 1
     teacher = [json.loads(x) for x in (reference / "rows/teacher-plain-sft/predictions.jsonl").read_text().splitlines()]
     assert any(r["prediction"] for r in teacher)  # the comparison below is over real text, not empty rows
 
@@ -144,9 +145,9 @@ def test_report_embeds_both_plots_and_names_the_method(finished):
         image = matplotlib.image.imread(exp / "plots" / f"{plot}.png")
         assert image.shape[0] > 300 and image.shape[1] > 600
     md, page = (exp / "report.md").read_text(), (exp / "report.html").read_text()
-    assert "Holm" in md and "rank-biserial" in md and md.count("null hypothesis rejected in") == 8
+    assert "Holm" in md and "rank-biserial" in md and md.count("null hypothesis rejected in") == 9
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
-    assert [len(h["results"]) for h in hyps] == [3] * 8
+    assert [len(h["results"]) for h in hyps] == [3] * 9
     assert all(r["n"] == 12 for h in hyps for r in h["results"])  # one paired difference per question, pairs averaged
     assert all(h["summary"].startswith("null hypothesis rejected in") and "of 3 metrics" in h["summary"] for h in hyps)

@@ -4,6 +4,9 @@ the plan, the runner and the report always agree.
 
 Rows (each answered on the same test questions and scored per example):
 - references: every teacher base and SFT, the student base and SFT;
+- SFT-only baselines: the student in each state fine-tuned with the distillation stage's own
+  training budget (same examples, steps, batch and learning rate) and no teacher, so that
+  `kd_vs_sft` asks what the teacher added;
 - cells: teacher x teacher state x student state x algorithm, the student distilled from that
   teacher (its SFT run when the state is `sft`) starting from the student in that state.
 """
@@ -33,7 +36,7 @@ class Row:
     """One system answered and scored: a reference model or a distilled cell."""
 
     name: str  # directory name under rows/ and label in the report
-    kind: str  # "teacher" | "student" | "cell"
+    kind: str  # "teacher" | "student" | "sft-only" | "cell"
     factors: dict = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -49,6 +52,10 @@ def teacher_sft_dir(teacher: str) -> str:
 
 
 STUDENT_SFT_DIR = "sft/student"
+
+
+def sft_only_name(student_state: str) -> str:
+    return f"sft-only_student-{student_state}"
 
 
 def cell_name(teacher: str, t_state: str, s_state: str, algorithm: str) -> str:
@@ -67,6 +74,8 @@ def plan_rows(cfg: ExperimentConfig, same_vocab: dict[str, bool]) -> list[Row]:
             rows.append(Row(f"teacher-{slug(t.name)}-{state}", "teacher", {"teacher": t.name, "teacher_state": state}))
     for state in grid.student_states:
         rows.append(Row(f"student-{state}", "student", {"student_state": state}))
+    for state in grid.student_states:
+        rows.append(Row(sft_only_name(state), "sft-only", {"student_state": state}))
     for t in grid.teachers:
         vocab = "same" if same_vocab[t.name] else "different"
         for algorithm in t.algorithms:
@@ -116,6 +125,11 @@ def plan_hypotheses(cfg: ExperimentConfig, rows: list[Row]) -> list[Hypothesis]:
         pairs = _pairs(cells, changed, matched)
         if pairs:
             out.append(Hypothesis(name, question, pairs))
+    # What the teacher adds: each cell against the same student trained as long without one.
+    baselines = {r.factors["student_state"]: r.name for r in rows if r.kind == "sft-only"}
+    kd_pairs = tuple((c.name, baselines[c.factors["student_state"]]) for c in cells if c.factors["student_state"] in baselines)
+    if kd_pairs:
+        out.append(Hypothesis("kd_vs_sft", "distilled vs SFT alone (same student, examples and steps)", kd_pairs))
     # The reference models themselves: does SFT help the teachers and the student before any KD?
     for kind, factor, matched in (("teacher", "teacher_state", ("teacher",)), ("student", "student_state", ())):
         pairs = _pairs([r for r in rows if r.kind == kind], {factor: ("sft", "base")}, matched)

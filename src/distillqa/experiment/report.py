@@ -46,6 +46,8 @@ def label(row: dict) -> str:
         return f"teacher {f['teacher']} ({f['teacher_state']})"
     if row["kind"] == "student":
         return f"student ({f['student_state']})"
+    if row["kind"] == "sft-only":
+        return f"SFT only: S={f['student_state']}"
     return f"{f['algorithm']}: T={f['teacher']} ({f['teacher_state']}), S={f['student_state']}"
 
 
@@ -114,7 +116,7 @@ def plot_means(res: dict, path: Path) -> None:
     grid_rows = -(-len(metrics) // cols)
     height = max(3.0, 0.28 * len(rows) + 1.2)
     fig, axes = plt.subplots(grid_rows, cols, figsize=(4.2 * cols + 3.5, height * grid_rows), squeeze=False, sharey=True)
-    colors = {"teacher": "#4c72b0", "student": "#8c8c8c", "cell": "#dd8452"}
+    colors = {"teacher": "#4c72b0", "student": "#8c8c8c", "sft-only": "#55a868", "cell": "#dd8452"}
     y = list(range(len(rows)))[::-1]
     for ax, metric in zip(axes.flat, metrics):
         means = [r["metrics"][metric]["mean"] for r in rows]
@@ -129,7 +131,7 @@ def plot_means(res: dict, path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_yticks(y)
         ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
-    fig.suptitle("Mean score per row with 95% bootstrap CI (blue: teachers, grey: student, orange: distilled cells)",
+    fig.suptitle("Mean score per row with 95% bootstrap CI (blue: teachers, grey: student, green: SFT only, orange: distilled)",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     save_figure(fig, path)

@@ -29,28 +29,33 @@ from pydantic import BaseModel
 
 from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig, dump_config)
 from distillqa.errors import RunDirError
-from distillqa.experiment.grid import STUDENT_SFT_DIR, Row, plan_hypotheses, plan_rows, teacher_sft_dir
+from distillqa.experiment.grid import STUDENT_SFT_DIR, Row, plan_hypotheses, plan_rows, slug, teacher_sft_dir
 from distillqa.io import write_json, write_text
 from distillqa.train.run_dir import RunDir, diff_keys
 
 
 @contextmanager
-def experiment_lock(exp: Path) -> Iterator[None]:
-    """Hold EXP/.lock for the whole run; the OS releases it when the process dies (kill -9 too)."""
-    exp.mkdir(parents=True, exist_ok=True)
-    fd = os.open(exp / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+def directory_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold `lock_file` (flock) while `what` runs; the OS releases it when the process dies (kill -9 too)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirError(f"{exp} is in use by another experiment runner (pid {holder}); wait for it to finish "
-                              "or stop it, then run again") from None
+            raise RunDirError(f"{lock_file.parent} is in use by another process {what} (pid {holder}); wait for it "
+                              "to finish or stop it, then run again") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def experiment_lock(exp: Path):
+    """EXP/.lock, held for the whole run: a second runner on the same directory is refused."""
+    return directory_lock(exp / ".lock", "running an experiment there")
 
 
 def check_config(exp: Path, cfg: BaseModel, mutable: tuple[str, ...] = ("stats.",)) -> None:
@@ -85,21 +90,41 @@ def teacher_model(exp: Path, teacher: str, state: str) -> str:
     return str(exp / teacher_sft_dir(teacher)) if state == "sft" else teacher
 
 
-def student_model(cfg: ExperimentConfig, exp: Path, state: str) -> str:
-    return str(exp / STUDENT_SFT_DIR) if state == "sft" else cfg.grid.student.name
+def student_model(student_base: str, exp: Path, state: str) -> str:
+    return str(exp / STUDENT_SFT_DIR) if state == "sft" else student_base
 
 
-def row_model(cfg: ExperimentConfig, exp: Path, row: Row) -> str:
+def row_model(student_base: str, exp: Path, row: Row) -> str:
     f = row.factors
     if row.kind == "teacher":
         return teacher_model(exp, f["teacher"], f["teacher_state"])
     if row.kind == "student":
-        return student_model(cfg, exp, f["student_state"])
+        return student_model(student_base, exp, f["student_state"])
+    if row.kind == "sft-only":
+        return str(exp / "sft" / row.name)
     return str(exp / "cells" / row.name)
 
 
+def healing(cfg: ExperimentConfig):
+    """(DeriveConfig, corpus, cached run directory) of the grid's healed student, or None when the
+    student is used as it is (not a `@layers=` student, or `grid.heal.steps` is 0)."""
+    from distillqa.config import DeriveConfig
+    from distillqa.models.registry import cache_root, load_tokenizer
+    from distillqa.train.heal import heal_key, healing_corpus
+
+    name, heal = cfg.grid.student.name, cfg.grid.heal
+    if "@layers=" not in name or heal.steps == 0:
+        return None
+    parent, layers = name.split("@layers=", 1)
+    corpus = healing_corpus(heal, cfg.data, cfg.prompt, load_tokenizer(parent, cfg.grid.student.trust_remote_code))
+    out = cache_root() / "healed" / f"{slug(parent)}-{slug(layers)}-{heal_key(parent, layers, heal, corpus)}"
+    derive = DeriveConfig(parent=cfg.grid.student.model_copy(update={"name": parent}), layers=layers, data=cfg.data,
+                          prompt=cfg.prompt, heal=heal, output_dir=str(out))
+    return derive, corpus, out
+
+
 def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple[str, list[Stage]]]:
-    """(row name, its stages) in run order; SFT stages come first, under the pseudo-row 'sft'."""
+    """(row name, its stages) in run order; healing and SFT stages come first, under the pseudo-row 'sft'."""
     from distillqa.generate import run_generate
     from distillqa.metrics.evaluate import evaluate_predictions
     from distillqa.metrics.registry import resolve_metrics
@@ -107,22 +132,44 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
     from distillqa.train.distill import run_distill
     from distillqa.train.sft import run_sft
 
+    from distillqa.train.heal import run_heal
+
     shared = dict(data=cfg.data, prompt=cfg.prompt)
     student = cfg.grid.student
+    sft_stages = []
+    student_base = student.name
+    if (healed := healing(cfg)) is not None:
+        derive, corpus, path = healed
+        student_base = str(path)
+
+        def heal() -> None:
+            with directory_lock(path.with_name(path.name + ".lock"), "healing this student"):
+                run_heal(derive, resume=(path / "run.json").is_file(), corpus=corpus)
+
+        sft_stages.append(Stage(f"heal {student.name} ({cfg.grid.heal.steps} steps, cached in {path})",
+                                lambda: RunDir(path).finished, heal))
 
     def training(kind: str, run_cfg, runner) -> Stage:
         path = Path(run_cfg.output_dir)
         return Stage(f"{kind} {path.relative_to(exp)}", lambda: RunDir(path).finished,
                      lambda: runner(run_cfg, resume=(path / "run.json").is_file()))
 
-    sft_stages = []
+    def student_cfg(state: str) -> ModelConfig:
+        return student.model_copy(update={"name": student_model(student_base, exp, state)})
+
     if "sft" in cfg.grid.teacher_states:
         for t in cfg.grid.teachers:
             sft_stages.append(training("sft", SFTConfig(model=ModelConfig(name=t.name), lora=cfg.sft.lora, train=cfg.sft.train,
                                                         output_dir=str(exp / teacher_sft_dir(t.name)), **shared), run_sft))
     if "sft" in cfg.grid.student_states:
-        sft_stages.append(training("sft", SFTConfig(model=student, lora=cfg.sft.lora, train=cfg.sft.train,
+        sft_stages.append(training("sft", SFTConfig(model=student_cfg("base"), lora=cfg.sft.lora, train=cfg.sft.train,
                                                     output_dir=str(exp / STUDENT_SFT_DIR), **shared), run_sft))
+    # The SFT-only baselines train with the distillation stage's budget: what KD is compared with.
+    for row in rows:
+        if row.kind == "sft-only":
+            sft_stages.append(training("sft", SFTConfig(
+                model=student_cfg(row.factors["student_state"]), lora=cfg.distill.lora, train=cfg.distill.train,
+                output_dir=row_model(student_base, exp, row), **shared), run_sft))
 
     settings = EvalSettings(cfg.evaluate.embedding_model, cfg.evaluate.bertscore_layers, cfg.evaluate.batch_size)
     metric_names = [m.name for m in resolve_metrics(cfg.evaluate.metrics)]
@@ -133,12 +180,12 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
             f = row.factors
             stages.append(training("distill", DistillConfig(
                 teacher=ModelConfig(name=teacher_model(exp, f["teacher"], f["teacher_state"])),
-                student=student.model_copy(update={"name": student_model(cfg, exp, f["student_state"])}), lora=cfg.distill.lora,
+                student=student_cfg(f["student_state"]), lora=cfg.distill.lora,
                 train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update={"algorithm": f["algorithm"]}),
                 output_dir=str(exp / "cells" / row.name), **shared), run_distill))
         out = exp / "rows" / row.name
-        gen = GenerateConfig(model=student.model_copy(update={"name": row_model(cfg, exp, row)}) if row.kind != "teacher"
-                             else ModelConfig(name=row_model(cfg, exp, row)),
+        gen = GenerateConfig(model=student.model_copy(update={"name": row_model(student_base, exp, row)})
+                             if row.kind != "teacher" else ModelConfig(name=row_model(student_base, exp, row)),
                              generation=cfg.generation, split="test", output_dir=str(out), **shared)
         stages.append(Stage(f"generate {row.name}", (out / "predictions.jsonl").is_file, lambda gen=gen: run_generate(gen)))
         stages.append(Stage(f"evaluate {row.name}", lambda out=out: _scored(out, metric_names),

@@ -1,7 +1,9 @@
 """Layer-pruned students: keep a subset of a model's decoder layers (same vocabulary).
 
 `every-other` keeps layers 0, 2, 4, ... (SmolLM2's 30 layers become 15). An explicit spec
-lists indices and ranges: `0-3,8,12-14`.
+lists indices and ranges: `0-3,8,12-14`. A measured spec, `angular:K` or `block-influence:K`,
+keeps K layers ranked on calibration text (see `importance.py`); a model name such as
+`smollm2-135m@layers=angular:20` calibrates on the bundled telecom sample's prompts.
 """
 
 from __future__ import annotations
@@ -55,14 +57,43 @@ def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     return model
 
 
+def is_measured(spec: str) -> bool:
+    from distillqa.models.importance import MEASURED_SPEC
+
+    return bool(MEASURED_SPEC.fullmatch(spec.strip()))
+
+
+def select_layers(model: nn.Module, spec: str, calibration: list[dict] | None = None) -> tuple[list[int], dict]:
+    """The layers `spec` keeps, and how they were chosen (with the measurements, for measured
+    specs, which need `calibration`: token batches with input_ids and attention_mask)."""
+    from distillqa.models.importance import choose_layers
+
+    if not is_measured(spec):
+        return parse_layer_spec(spec, model.config.num_hidden_layers), {"method": "explicit", "spec": spec}
+    if not calibration:
+        raise ModelError(f"layer spec '{spec}' ranks layers on calibration text, and none was given")
+    return choose_layers(spec, model, calibration)
+
+
+def bundled_calibration(tok, count: int = 32) -> list[dict]:
+    """The bundled telecom sample's first training prompts with answers, in batches of 8."""
+    from distillqa.config import DataConfig, PromptConfig
+    from distillqa.data import load_splits
+    from distillqa.data.prompts import PromptBuilder, collate_right
+
+    prompt = PromptConfig(max_length=256)
+    builder = PromptBuilder(tok, prompt.template, prompt.instruction, prompt.max_length)
+    encoded = [e for ex in load_splits(DataConfig())[0]["train"][:count] if (e := builder.encode_train(ex))]
+    return [collate_right(encoded[i : i + 8], tok.pad_token_id) for i in range(0, len(encoded), 8)]
+
+
 def derive_student(base: str, spec: str, out_dir: str | Path) -> Path:
     """Write a pruned copy of model `base` to `out_dir` (atomically) and return it."""
     from distillqa.models.registry import load_model, load_tokenizer
 
-    model = load_model(base, precision="fp32")
-    keep = parse_layer_spec(spec, model.config.num_hidden_layers)
+    model, tok = load_model(base, precision="fp32"), load_tokenizer(base)
+    keep, _ = select_layers(model, spec, bundled_calibration(tok) if is_measured(spec) else None)
     prune_layers(model, keep)
-    tok = load_tokenizer(base)
     out = Path(out_dir)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
