@@ -102,6 +102,8 @@ def train(
     start = 0
     if (ckpt := run.latest_checkpoint()) is not None:
         start = load_checkpoint(ckpt, params, optimizer, scheduler)
+        if accelerator.is_main_process:
+            run.truncate_log(start)  # steps after the checkpoint are trained, and logged, again
     schedule = micro_batch_indices(len(data), cfg, steps, accelerator.process_index, accelerator.num_processes)
 
     model.train()

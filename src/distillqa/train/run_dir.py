@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from distillqa.errors import RunDirError
-from distillqa.io import append_jsonl, atomic_path, write_json, write_text
+from distillqa.io import append_jsonl, atomic_path, read_partial_jsonl, write_json, write_jsonl, write_text
 
 
 class RunDir:
@@ -63,6 +63,13 @@ class RunDir:
 
     def log(self, row: dict) -> None:
         append_jsonl(self.path / "log.jsonl", [row])
+
+    def truncate_log(self, step: int) -> None:
+        """Keep only log rows of steps up to `step` (and no torn line): a run resumed from the
+        checkpoint of `step` trains the later steps again and logs them again."""
+        path = self.path / "log.jsonl"
+        if path.is_file():
+            write_jsonl(path, [r for r in read_partial_jsonl(path) if r.get("step", 0) <= step])
 
     def update(self, **fields) -> None:
         write_json(self.path / "run.json", {**self.info, **fields})
