@@ -166,14 +166,24 @@ def read_squad(
         raise DataError(str(path), None, "data", "expected a SQuAD-style object with a 'data' list")
     examples, seen, report = [], set(), LoadReport()
     for a_i, article in enumerate(doc["data"]):
+        if not isinstance(article, dict):
+            raise DataError(str(path), f"data[{a_i}]", None, "must be an object with a 'paragraphs' list")
+        if not isinstance(article.get("paragraphs", []), list):
+            raise DataError(str(path), f"data[{a_i}]", "paragraphs", "must be a list")
         for p_i, para in enumerate(article.get("paragraphs", [])):
             where_p = f"data[{a_i}].paragraphs[{p_i}]"
+            if not isinstance(para, dict):
+                raise DataError(str(path), where_p, None, "must be an object with 'context' and 'qas'")
+            if not isinstance(para.get("qas", []), list):
+                raise DataError(str(path), where_p, "qas", "must be a list")
             context = para.get("context")
             if not isinstance(context, str) or not context.strip():
                 raise DataError(str(path), where_p, "context", "missing or empty")
             for q_i, qa in enumerate(para.get("qas", [])):
+                if not isinstance(qa, dict):
+                    raise DataError(str(path), f"{where_p}.qas[{q_i}]", None, "must be a JSON object")
                 qid = qa.get("id")
-                if not qid:
+                if not qid or not isinstance(qid, (str, int)):
                     raise DataError(str(path), f"{where_p}.qas[{q_i}]", "id", "missing or empty")
                 where = f"question id '{qid}'"
                 if qid in seen:
@@ -230,15 +240,17 @@ def _checked_answers(qa, context, path, where, on_bad_answer, report) -> list[st
 
 def read_cqa(path: Path, explanations: str | None = None) -> tuple[list[QAExample], LoadReport]:
     """Read CommonsenseQA jsonl; join CoS-E explanations (`explanation.open-ended`) on `id` if given."""
-    cose = {}
+    cose, cose_lines = {}, {}
     if explanations:
         for lineno, row in iter_json_lines(Path(explanations)):
             exp = row.get("explanation")
             if not isinstance(exp, dict) or not isinstance(exp.get("open-ended"), str):
                 raise DataError(explanations, f"line {lineno}", "explanation.open-ended", "missing or not a string")
-            cose[str(row.get("id"))] = exp["open-ended"]
-    examples, report = [], LoadReport()
+            cose_id = _record_id(row, Path(explanations), lineno, cose_lines)
+            cose[cose_id] = exp["open-ended"]
+    examples, report, seen = [], LoadReport(), {}
     for lineno, row in iter_json_lines(path):
+        _record_id(row, path, lineno, seen)
         where = f"line {lineno} (id '{row.get('id')}')"
         q = row.get("question")
         if not isinstance(q, dict):
@@ -247,7 +259,10 @@ def read_cqa(path: Path, explanations: str | None = None) -> tuple[list[QAExampl
         choices = q.get("choices")
         if not isinstance(choices, list) or not choices:
             raise DataError(str(path), where, "question.choices", "must be a non-empty list")
-        labels = {c.get("label"): c.get("text") for c in choices}
+        for i, c in enumerate(choices):
+            if not isinstance(c, dict) or not isinstance(c.get("label"), str) or not isinstance(c.get("text"), str):
+                raise DataError(str(path), where, f"question.choices[{i}]", "must be an object with 'label' and 'text'")
+        labels = {c["label"]: c["text"] for c in choices}
         key = row.get("answerKey")
         if key is None:  # the official test file has no answers; it cannot be scored
             report.skip("questions without answerKey left out", str(row.get("id")))
@@ -266,3 +281,15 @@ def read_cqa(path: Path, explanations: str | None = None) -> tuple[list[QAExampl
         )
     report.kept = len(examples)
     return examples, report
+
+
+def _record_id(row: dict, path: Path, lineno: int, seen: dict[str, int]) -> str:
+    """A line's `id` as a string; missing, empty or repeated ids are errors naming the line."""
+    rid = row.get("id")
+    if not isinstance(rid, (str, int)) or str(rid).strip() == "":
+        raise DataError(str(path), f"line {lineno}", "id", "missing or empty")
+    rid = str(rid)
+    if rid in seen:
+        raise DataError(str(path), f"line {lineno} (id '{rid}')", "id", f"duplicate of line {seen[rid]}")
+    seen[rid] = lineno
+    return rid
