@@ -37,6 +37,16 @@ def _guard(fn):
         raise typer.Exit(2) from None
 
 
+def _into(out: str, command: str, overwrite: bool, write, recognise=None) -> str:
+    """Run `write(tmp)` and move its output to `out`, which must be new or empty, or with --overwrite
+    a previous output of the same command: nothing else at `out` is ever replaced (see io.claim_output)."""
+    from distillqa.io import claim_output
+
+    with claim_output(out, command, overwrite, recognise) as tmp:
+        write(tmp)
+    return out
+
+
 @app.command()
 def sft(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt,
         resume: bool = typer.Option(False, help="Continue an unfinished run from its newest checkpoint.")) -> None:
@@ -95,7 +105,10 @@ def _run_experiment(overrides: list[str], config: Optional[str] = None) -> None:
     from distillqa.config import ExperimentConfig, load_config
     from distillqa.experiment.runner import run_experiment
 
+    from distillqa.io import check_claimed_dir
+
     cfg = _guard(lambda: load_config(ExperimentConfig, config, overrides))
+    _guard(lambda: check_claimed_dir(cfg.output_dir, "experiment.yaml", "experiment"))
     exp = _guard(lambda: run_experiment(cfg))
     hypotheses = json.loads((exp / "results" / "hypotheses.json").read_text())
     for h in hypotheses:
@@ -136,7 +149,10 @@ def rationales_experiment(config: Optional[str] = ConfigArg, set_: Optional[list
     from distillqa.config import RationaleExperimentConfig, load_config
     from distillqa.rationales.experiment import run_rationale_experiment
 
+    from distillqa.io import check_claimed_dir
+
     cfg = _guard(lambda: load_config(RationaleExperimentConfig, config, set_))
+    _guard(lambda: check_claimed_dir(cfg.output_dir, "experiment.yaml", "rationales experiment"))
     exp = _guard(lambda: run_rationale_experiment(cfg))
     for r in json.loads((exp / "results" / "runs.json").read_text()):
         typer.echo(f"{r['cell']:28s} accuracy {r['accuracy']:.3f}  ({r['correct']}/{r['n']}, unparseable {r['unparseable']})")
@@ -153,13 +169,16 @@ def rationales_report(exp_dir: str = typer.Argument(..., help="A rationale exper
 
 @rationales_app.command("import")
 def rationales_import(source: str = typer.Argument(..., help="Teacher outputs (Llama-2 columns or distillqa's layout)."),
-                      out: str = typer.Argument(..., help="Output JSONL in distillqa's rationale layout.")) -> None:
+                      out: str = typer.Argument(..., help="Output JSONL in distillqa's rationale layout."),
+                      overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous import (distillqa's layout).")) -> None:
     """Validate teacher rationales and write them in distillqa's layout, with provenance."""
-    from distillqa.io import write_jsonl
-    from distillqa.rationales.data import read_rationales
+    from distillqa.io import check_output
+    from distillqa.rationales.data import imported_layout, read_rationales
 
+    _guard(lambda: check_output(out, "rationales import", overwrite, imported_layout))  # before reading a large file
     rows = _guard(lambda: read_rationales(source))
-    write_jsonl(out, [ex.to_dict() for ex in rows])
+    _guard(lambda: _into(out, "rationales import", overwrite, lambda tmp: tmp.write_text(
+        "".join(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in rows), encoding="utf-8"), imported_layout))
     typer.echo(f"wrote {len(rows)} rows to {out}")
 
 
@@ -218,21 +237,22 @@ def list_metrics() -> None:
 @app.command("derive-student")
 def derive_student(model: str = typer.Argument(..., help="Model to prune (any model name)."),
                    out: str = typer.Argument(..., help="Output model directory."),
-                   layers: str = typer.Option("every-other", help="'every-other' or indices/ranges such as '0-3,8'.")) -> None:
+                   layers: str = typer.Option("every-other", help="'every-other' or indices/ranges such as '0-3,8'."),
+                   overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous derive-student output.")) -> None:
     """Build a smaller same-vocabulary student by keeping a subset of decoder layers."""
     from distillqa.models.derive import derive_student as derive
 
-    typer.echo(f"wrote {_guard(lambda: derive(model, layers, out))}")
+    typer.echo(f"wrote {_guard(lambda: _into(out, 'derive-student', overwrite, lambda tmp: derive(model, layers, tmp)))}")
 
 
 @app.command()
 def merge(run_dir: str = typer.Argument(..., help="A finished LoRA run directory."),
-          out: str = typer.Argument(..., help="Output model directory.")) -> None:
+          out: str = typer.Argument(..., help="Output model directory."),
+          overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous merge output.")) -> None:
     """Merge a run's LoRA adapter into its base model and save a standalone model."""
     from distillqa.models.lora import merge_run
 
-    _guard(lambda: merge_run(run_dir, out))
-    typer.echo(f"wrote {out}")
+    typer.echo(f"wrote {_guard(lambda: _into(out, 'merge', overwrite, lambda tmp: merge_run(run_dir, tmp)))}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import pytest
 
 from distillqa.data.prompts import IGNORE, PromptBuilder, collate_left, collate_right
 from distillqa.data.records import QAExample
+from distillqa.errors import ConfigError
 from distillqa.models.registry import load_tokenizer
 
 LONG = " ".join(f"Filler sentence number {i} about radio planning." for i in range(200))
@@ -45,7 +46,7 @@ def test_template_choice(tiny_model, tiny_chat_model):
     assert PromptBuilder(load_tokenizer(tiny_chat_model), "auto").chat
     plain = PromptBuilder(load_tokenizer(tiny_model), "auto", "Answer.")
     assert not plain.chat and plain.prompt_text(EX, "ctx").endswith("Question: Which node anchors the user plane?\n\nAnswer:")
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(ConfigError, match="no chat template"):
         PromptBuilder(load_tokenizer(tiny_model), "chat")
 
 

@@ -198,9 +198,9 @@ def test_teacher_generation_is_complete_resumable_and_recorded(tiny_chat_model, 
     expected = out.read_text()
     out.unlink()
     assert run_rationale_generate(cfg).read_text() == expected and not partial.exists()
-    with pytest.raises(Exception, match="different config"):
-        out.unlink()
+    with pytest.raises(Exception, match="different config"):  # the output (or a partial one) is never mixed with another config's
         run_rationale_generate(load_config(RationaleGenerateConfig, None, overrides + ["revisions=1"]))
+    assert out.read_text() == expected
     with pytest.raises(ConfigError, match="set teacher.local_model"):
         run_rationale_generate(load_config(RationaleGenerateConfig, None, [f"output={tmp_path}/x.jsonl"]))
 

@@ -12,6 +12,11 @@ def load_splits(cfg) -> tuple[dict[str, list[QAExample]], LoadReport]:
     examples, report = load_examples(
         cfg.source, cfg.format, cfg.include_unanswerable, cfg.on_bad_answer, cfg.explanations
     )
+    if not examples:
+        from distillqa.errors import DataError
+
+        left_out = f" ({report.summary()})" if report.skipped else ""
+        raise DataError(cfg.source, None, None, f"no usable examples in the file{left_out}")
     splits = split_examples(examples, tuple(cfg.split_fractions), cfg.split_seed)
     if cfg.max_train_examples:
         splits["train"] = splits["train"][: cfg.max_train_examples]

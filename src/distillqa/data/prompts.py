@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from distillqa.data.records import QAExample
+from distillqa.errors import ConfigError
 
 IGNORE = -100
 
@@ -45,7 +46,7 @@ class PromptBuilder:
         self.tok = tokenizer
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
-            raise ValueError("prompt.template is 'chat' but the tokenizer has no chat template; use 'auto' or 'plain'")
+            raise ConfigError("prompt.template: 'chat', but the model's tokenizer has no chat template; use 'auto' or 'plain'")
         self.chat = template == "chat" or (template == "auto" and has_chat)
         self.instruction = instruction
         self.max_length = max_length
@@ -53,7 +54,7 @@ class PromptBuilder:
         # each up to max_length; a causal LM fits both into one.
         self.separate_output = separate_output
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no end-of-sequence token, which answers need")
+            raise ConfigError("the model's tokenizer has no end-of-sequence token, which answers need")
 
     def user_text(self, ex: QAExample, context: str) -> str:
         parts = [self.instruction] if self.instruction else []

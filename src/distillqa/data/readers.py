@@ -59,16 +59,54 @@ def load_examples(
 ) -> tuple[list[QAExample], LoadReport]:
     """Load examples from `source`: a path, or `bundled:<name>` for a dataset shipped with distillqa."""
     path = bundled_path(source.removeprefix("bundled:")) if source.startswith("bundled:") else Path(source)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file")
+    check_data_file(path)
+    if explanations:
+        check_data_file(Path(explanations))
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "jsonl":
-        return read_jsonl(path)
-    if fmt == "squad":
-        return read_squad(path, include_unanswerable=include_unanswerable, on_bad_answer=on_bad_answer)
-    if fmt == "cqa":
-        return read_cqa(path, explanations=explanations)
-    raise DataError(str(path), None, None, f"unknown format '{fmt}'; use one of jsonl, squad, cqa")
+        examples, report = read_jsonl(path)
+    elif fmt == "squad":
+        examples, report = read_squad(path, include_unanswerable=include_unanswerable, on_bad_answer=on_bad_answer)
+    elif fmt == "cqa":
+        examples, report = read_cqa(path, explanations=explanations)
+    else:
+        raise DataError(str(path), None, None, f"unknown format '{fmt}'; use one of jsonl, squad, cqa")
+    return examples, report
+
+
+def check_data_file(path: Path) -> None:
+    """A data file must be a readable, non-empty file; errors say which of these it is not."""
+    if path.is_dir():
+        raise DataError(str(path), None, None, "is a directory, not a data file")
+    if not path.exists():
+        raise DataError(str(path), None, None, "no such file")
+    if not path.is_file():
+        raise DataError(str(path), None, None, "is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as e:
+        raise DataError(str(path), None, None, f"cannot be read: {e.strerror or e}") from None
+    if not head.strip():
+        raise DataError(str(path), None, None, "the file is empty" if not head else "the file holds only whitespace")
+
+
+def decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), f"line {lineno}", None, f"not UTF-8 text (byte {e.start + 1} of the line); "
+                        "save the file as UTF-8") from None
+
+
+def read_text(path: Path) -> str:
+    """The whole file as UTF-8; an invalid byte is reported with its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(str(path), f"line {line}", None, "not UTF-8 text; save the file as UTF-8") from None
 
 
 def detect_format(path: Path) -> str:
@@ -77,21 +115,22 @@ def detect_format(path: Path) -> str:
         return "squad"
     if path.suffix != ".jsonl":
         raise DataError(str(path), None, None, "unknown format: expected a .json (SQuAD-style) or .jsonl file, or set data.format")
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    with open(path, "rb") as f:
+        lineno, first = next(((n, raw) for n, raw in enumerate(f, 1) if raw.strip()), (1, b""))
     try:
-        row = json.loads(first)
+        row = json.loads(decode_line(first, path, lineno))
     except json.JSONDecodeError as e:
-        raise DataError(str(path), "line 1", None, f"invalid JSON: {e.msg}") from None
+        raise DataError(str(path), f"line {lineno}", None, f"invalid JSON: {e.msg}") from None
     return "cqa" if isinstance(row, dict) and isinstance(row.get("question"), dict) else "jsonl"
 
 
 def iter_json_lines(path: Path):
     """(line number, object) for each non-blank line; invalid JSON or a non-object names the line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
+            line = decode_line(raw, path, lineno)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -159,7 +198,7 @@ def read_squad(
     both counted in the report and logged.
     """
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(str(path), f"line {e.lineno}", None, f"invalid JSON: {e.msg}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):

@@ -7,23 +7,32 @@ kept and not recomputed, so metrics can be added to a finished evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from distillqa.config import EvaluateConfig, JudgeConfig
-from distillqa.errors import DataError
+from distillqa.errors import ConfigError, DataError
 from distillqa.io import read_jsonl, write_json, write_jsonl
 from distillqa.metrics.registry import METRICS, resolve_metrics
 from distillqa.metrics.settings import EvalSettings
 from distillqa.metrics.summary import summarize
 
+log = logging.getLogger(__name__)
+
 
 def read_predictions(path: Path) -> list[dict]:
     rows, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(str(path), f"line {lineno}", None, f"not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -43,8 +52,50 @@ def read_predictions(path: Path) -> list[dict]:
             refs = row.get("references")
             if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
                 raise DataError(str(path), where, "references", "must be a non-empty list of non-empty strings")
+            if row.get("skipped") is not None and not isinstance(row["skipped"], bool):
+                raise DataError(str(path), where, "skipped", "must be true or false")
             rows.append(row)
+    if not rows:
+        raise DataError(str(path), None, None, "the file is empty: no predictions to score")
     return rows
+
+
+def is_skipped(row: dict) -> bool:
+    """A question generate could not ask (its prompt did not fit): counted as missing, never scored."""
+    return bool(row.get("skipped")) or str(row.get("note", "")).startswith("prompt too long")
+
+
+def _check_own(scores_path: Path, summary_path: Path) -> None:
+    """scores.jsonl and summary.json are replaced only if evaluate wrote them (a user's files of
+    the same names next to the predictions are left alone, with an error)."""
+    for p in (scores_path, summary_path):
+        if p.exists() and not p.is_file():
+            raise DataError(str(p), None, None, "is in the way of evaluate's output and is not a file; move it")
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            ours = isinstance(summary, dict) and {"predictions", "n", "metrics"} <= set(summary)
+        except (ValueError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise DataError(str(summary_path), None, None, "exists and was not written by distillqa evaluate; "
+                            "move it (evaluate writes summary.json and scores.jsonl next to the predictions)")
+    if scores_path.is_file() and scores_path.stat().st_size and not summary_path.is_file():
+        raise DataError(str(scores_path), None, None, "exists without evaluate's summary.json, so it was not written by "
+                        "distillqa evaluate; move it (evaluate writes summary.json and scores.jsonl next to the predictions)")
+
+
+def _old_scores(scores_path: Path, summary_path: Path, digest: str, rows: list[dict]) -> dict:
+    """Scores already computed for exactly these predictions (same file contents), by id."""
+    if not scores_path.is_file() or not summary_path.is_file():
+        return {}
+    try:
+        if json.loads(summary_path.read_text(encoding="utf-8")).get("predictions_sha256") != digest:
+            return {}  # the predictions changed since these scores were written (or an old summary without a digest)
+        old = {r["id"]: r for r in read_jsonl(scores_path)}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return {}
+    return old if set(old) == {r["id"] for r in rows} else {}
 
 
 def make_judge(cfg: JudgeConfig):
@@ -53,6 +104,8 @@ def make_judge(cfg: JudgeConfig):
 
     if not (cfg.url or cfg.local_model):
         return None
+    if cfg.url and cfg.api_key_env and not os.environ.get(cfg.api_key_env):  # before the cache file is created
+        raise ConfigError(f"judge.api_key_env: environment variable {cfg.api_key_env} is not set")
     cache = ReplyCache(cfg.cache or cache_root() / "judge.sqlite")
     common = dict(cache=cache, concurrency=cfg.concurrency, parse_retries=cfg.parse_retries, max_tokens=cfg.max_tokens)
     if cfg.local_model:
@@ -75,10 +128,14 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
     rows = read_predictions(path)
     metrics = resolve_metrics(cfg.metrics)
     scores_path, summary_path = path.with_name("scores.jsonl"), path.with_name("summary.json")
-    old = {r["id"]: r for r in read_jsonl(scores_path)} if scores_path.is_file() else {}
-    if old and set(old) != {r["id"] for r in rows}:
-        old = {}  # the predictions changed since these scores were written
+    _check_own(scores_path, summary_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    old = _old_scores(scores_path, summary_path, digest, rows)
     table = [{"id": r["id"], **{k: v for k, v in old.get(r["id"], {}).items() if k in METRICS}} for r in rows]
+    skipped = [i for i, r in enumerate(rows) if is_skipped(r)]
+    if skipped:
+        log.warning("%s: %d of %d questions were not answered (prompt too long for prompt.max_length); they are counted "
+                    "as missing in every metric", path, len(skipped), len(rows))
     needs_judge = any(m.family == "judge" and not all(m.name in t for t in table) for m in metrics)
     settings = settings or EvalSettings(cfg.embedding_model, cfg.bertscore_layers, cfg.batch_size)
     if needs_judge and settings.judge is None:
@@ -86,16 +143,20 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
     for metric in tqdm(metrics, desc="evaluate", unit="metric"):
         if all(metric.name in t for t in table):
             continue
-        for t, s in zip(table, metric.score(rows, settings)):
-            t[metric.name] = s
-        _write(scores_path, summary_path, path, rows, table)
-    return _write(scores_path, summary_path, path, rows, table)
+        answered = [r for r in rows if not is_skipped(r)]
+        scores = iter(metric.score(answered, settings) if answered else [])
+        for t, r in zip(table, rows):
+            t[metric.name] = None if is_skipped(r) else next(scores)
+        _write(scores_path, summary_path, path, rows, table, digest)
+    return _write(scores_path, summary_path, path, rows, table, digest)
 
 
-def _write(scores_path: Path, summary_path: Path, path: Path, rows: list[dict], table: list[dict]) -> dict:
+def _write(scores_path: Path, summary_path: Path, path: Path, rows: list[dict], table: list[dict], digest: str) -> dict:
     write_jsonl(scores_path, table)
     names = [m for m in METRICS if all(m in t for t in table)]
-    summary = {"predictions": str(path), "n": len(rows), "empty_predictions": sum(not r["prediction"].strip() for r in rows),
+    summary = {"predictions": str(path), "predictions_sha256": digest, "n": len(rows),
+               "skipped_too_long": sum(is_skipped(r) for r in rows),
+               "empty_predictions": sum(not r["prediction"].strip() and not is_skipped(r) for r in rows),
                "metrics": {m: {**summarize([t[m] for t in table]), "family": METRICS[m].family,
                                "higher_is_better": METRICS[m].higher_is_better} for m in names}}
     write_json(summary_path, summary)

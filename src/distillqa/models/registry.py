@@ -133,10 +133,17 @@ def resolve_dtype(precision: str = "auto") -> torch.dtype:
 
 
 def _run_info(path: Path) -> dict:
-    info = json.loads((path / "run.json").read_text())
+    try:
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        assert isinstance(info, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ModelError(f"{path / 'run.json'}: not a readable distillqa run.json (a JSON object)") from None
     if info.get("status") != "finished":
         raise ModelError(f"run directory {path} is not finished (status: {info.get('status')}); resume it with --resume first")
     return info
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -148,10 +155,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         src = str(path / "final")
     else:
         src = resolve_model_path(name)
+    if Path(src).is_dir() and not any((Path(src) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"could not load the tokenizer of '{name}': {src} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ModelError(f"could not load the tokenizer of '{name}': {_first_line(e)}") from None
+    except Exception as e:  # a missing, partial or corrupt tokenizer raises many kinds of errors
+        raise ModelError(f"could not load the tokenizer of '{name}' ({src}): {_first_line(e)}") from None
+    if isinstance(tok, bool) or not callable(tok) or getattr(tok, "eos_token", None) is None and getattr(tok, "pad_token", None) is None:
+        raise ModelError(f"could not load the tokenizer of '{name}' ({src}): no usable tokenizer files there")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -166,7 +177,7 @@ def is_encoder_decoder_model(name: str, trust_remote_code: bool = False) -> bool
         return is_encoder_decoder_model(_run_info(path)["base_model"], trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:
         raise ModelError(f"could not read the config of model '{name}': {_first_line(e)}") from None
     return bool(getattr(config, "is_encoder_decoder", False))
 
@@ -190,7 +201,9 @@ def load_model(name: str, precision: str = "auto", trust_remote_code: bool = Fal
         # Encoder-decoder students (T5) for the rationale study; everything else is a causal LM.
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         return auto.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # missing or corrupt weights (safetensors raises its own error type), bad config
+        if Path(src).is_dir():
+            raise ModelError(f"could not load model '{name}' from the directory {src}: {_first_line(e)}") from None
         known = ", ".join(REGISTRY)
         raise ModelError(
             f"could not load model '{name}': not a registry name ({known}), a local model or run directory, "
@@ -199,4 +212,5 @@ def load_model(name: str, precision: str = "auto", trust_remote_code: bool = Fal
 
 
 def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."

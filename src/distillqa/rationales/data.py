@@ -16,10 +16,11 @@ files can be used as they are.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillqa.data.readers import iter_json_lines
+from distillqa.data.readers import check_data_file, iter_json_lines
 from distillqa.errors import DataError
 
 RATIONALE_TYPES = ("unrevised", "revised")
@@ -89,11 +90,29 @@ def parse_row(row: dict, path: str, where: str) -> RationaleExample:
                             tuple(c.strip() for c in counterfactuals), provenance)
 
 
+LAYOUT_KEYS = frozenset(("id", "question", "choices", "answer", "rationale", "revised_rationale", "counterfactuals", "provenance"))
+
+
+def imported_layout(path: Path) -> str | None:
+    """None if `path` is a JSONL file in exactly the layout `rationales import` writes (a previous
+    import it may replace with --overwrite), else why it is not."""
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                row = json.loads(raw)
+                if not isinstance(row, dict) or set(row) != LAYOUT_KEYS:
+                    return f"line {lineno} is not a row of distillqa's rationale layout"
+    except (OSError, ValueError) as e:
+        return f"not a JSONL file ({type(e).__name__})"
+    return None
+
+
 def read_rationales(path: str | Path, limit: int | None = None) -> list[RationaleExample]:
     """Read a rationale file (either layout); errors name the file, line and field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file")
+    check_data_file(path)
     out, seen = [], set()
     for lineno, row in iter_json_lines(path):
         ex = parse_row(row, str(path), f"line {lineno} (id '{row.get('id')}')")

@@ -29,7 +29,7 @@ from distillqa.config import RationaleGenerateConfig, dump_config
 from distillqa.data import load_examples
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, RunDirError
-from distillqa.io import append_jsonl, read_partial_jsonl, write_jsonl, write_text
+from distillqa.io import append_jsonl, is_empty, read_partial_jsonl, write_jsonl, write_text
 
 
 def load_templates(version: str) -> dict:
@@ -108,22 +108,28 @@ def run_rationale_generate(cfg: RationaleGenerateConfig) -> Path:
         raise ConfigError("teacher: set teacher.local_model (a model name) or teacher.url and teacher.model (an endpoint)")
     out = Path(cfg.output)
     config_path = out.with_name(out.stem + ".config.yaml")
-    if config_path.is_file() and config_path.read_text() != dump_config(cfg):
+    partial = out.with_name(out.stem + ".partial.jsonl")
+    if out.is_dir() or out.is_symlink():
+        raise RunDirError(f"output {out} is a directory or a link; give a file name such as {out}/rationales.jsonl")
+    if not config_path.is_file() and not (is_empty(out) and is_empty(partial)):
+        raise RunDirError(f"output {out} already exists and was not written by distillqa rationales generate "
+                          f"(no {config_path.name} beside it); choose another output")
+    made = out.is_file() or bool(read_partial_jsonl(partial))
+    if made and config_path.read_text(encoding="utf-8") != dump_config(cfg):
         raise RunDirError(f"{out} was generated with a different config ({config_path}); choose another output")
     if out.is_file():
         return out
-    write_text(config_path, dump_config(cfg))
     examples, _ = load_examples(cfg.data.source, cfg.data.format, explanations=cfg.data.explanations)
     examples = [ex for ex in examples if ex.choices][: cfg.limit]
     if not examples:
         raise ConfigError(f"data.source: {cfg.data.source} has no multiple-choice questions")
     templates = load_templates(cfg.templates)
     teacher = make_judge(cfg.teacher)
+    write_text(config_path, dump_config(cfg))  # only once the data and the teacher are ready: a failed start leaves nothing
     provenance = {"teacher": cfg.teacher.local_model or f"{cfg.teacher.model} at {cfg.teacher.url}",
                   "template_version": templates["version"],
                   "decoding": {"max_tokens": cfg.teacher.max_tokens, "greedy": True}, "revisions": cfg.revisions,
                   "seed": cfg.seed}
-    partial = out.with_name(out.stem + ".partial.jsonl")
     done_rows = read_partial_jsonl(partial)
     write_jsonl(partial, done_rows)  # drops a torn last line before appending again
     done = {r["id"] for r in done_rows}

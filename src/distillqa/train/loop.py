@@ -143,7 +143,7 @@ def train(
 
 
 def save_checkpoint(path: Path, step: int, params: dict, optimizer, scheduler) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace_dir=True) as tmp:  # our own checkpoint, if a kill left it
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

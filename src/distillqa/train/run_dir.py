@@ -31,7 +31,14 @@ class RunDir:
 
     @property
     def info(self) -> dict:
-        return json.loads((self.path / "run.json").read_text())
+        try:
+            info = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = None
+        if not isinstance(info, dict):
+            raise RunDirError(f"{self.path / 'run.json'}: not a readable distillqa run.json (a JSON object); "
+                              "this is not a usable run directory")
+        return info
 
     @property
     def finished(self) -> bool:
@@ -46,12 +53,19 @@ class RunDir:
             if not resume:
                 hint = "choose another output directory or delete it" if status == "finished" else "pass --resume to continue it"
                 raise RunDirError(f"{run.path} already holds a {status} {run.info.get('kind')} run; {hint}")
-            old = yaml.safe_load((run.path / "config.yaml").read_text())
+            try:
+                old = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
+            except (OSError, ValueError, yaml.YAMLError):
+                raise RunDirError(f"cannot resume {run.path}: its config.yaml is missing or unreadable") from None
             new = yaml.safe_load(config_yaml)
             diff = diff_keys(old, new)
             if diff:
                 raise RunDirError(f"cannot resume {run.path}: its config differs in {', '.join(diff)}")
             return run
+        if resume:
+            raise RunDirError(f"cannot resume {run.path}: no run was started there (it holds no run.json); run without --resume")
+        if run.path.exists() and not run.path.is_dir():
+            raise RunDirError(f"{run.path} exists and is not a directory; choose another output directory")
         if run.path.exists() and any(run.path.iterdir()):
             raise RunDirError(f"{run.path} exists, is not empty and is not a distillqa run directory")
         # Built aside and renamed: a kill here leaves no directory that is neither empty nor a run.
@@ -92,7 +106,7 @@ class RunDir:
 
     def write_final(self, save) -> None:
         """Call `save(tmp_dir)` and move the result to final/ atomically, then mark the run finished."""
-        with atomic_path(self.path / "final") as tmp:
+        with atomic_path(self.path / "final", replace_dir=True) as tmp:  # a kill may have left ours
             tmp.mkdir()
             save(tmp)
         self.update(status="finished", finished=time.time())
