@@ -113,6 +113,12 @@ def _run_experiment(overrides: list[str], config: Optional[str] = None) -> None:
     hypotheses = json.loads((exp / "results" / "hypotheses.json").read_text())
     for h in hypotheses:
         typer.echo(f"{h['question']:58s} {h['summary']}")
+    checks = json.loads((exp / "results" / "checks.json").read_text())
+    typer.echo("checks of the tool working:")
+    for c in checks["checks"]:
+        typer.echo(f"  [{'pass' if c['passed'] else 'FAIL'}] {c['name']}: {c['detail']}")
+    if checks["kd_vs_sft"]:
+        typer.echo(f"  {checks['kd_vs_sft']}")
     typer.echo(f"report: {exp / 'report.md'} and {exp / 'report.html'}")
 
 
@@ -191,11 +197,16 @@ def demo(set_: Optional[list[str]] = SetOpt) -> None:
 @app.command()
 def serve(model: str = typer.Argument(..., help="Any model name: registry, run directory, local path."),
           host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-          port: int = typer.Option(8000, help="Port to listen on.")) -> None:
+          port: int = typer.Option(8000, help="Port to listen on."),
+          max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for (larger: HTTP 422)."),
+          max_prompt_tokens: int = typer.Option(8192, min=1, help="Longest prompt accepted, in tokens (longer: HTTP 400)."),
+          max_body: int = typer.Option(1 << 20, min=1, help="Largest request body in bytes (larger: HTTP 413, never read)."),
+          read_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a client may stall while sending.")) -> None:
     """Serve a model behind an OpenAI-compatible chat-completions endpoint (/v1/chat/completions)."""
     from distillqa.serve import make_server
 
-    server = _guard(lambda: make_server(model, host, port))
+    server = _guard(lambda: make_server(model, host, port, max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                                        max_body_bytes=max_body, read_timeout=read_timeout))
     typer.echo(f"serving {model} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)")
     try:
         server.serve_forever()
@@ -237,12 +248,33 @@ def list_metrics() -> None:
 @app.command("derive-student")
 def derive_student(model: str = typer.Argument(..., help="Model to prune (any model name)."),
                    out: str = typer.Argument(..., help="Output model directory."),
-                   layers: str = typer.Option("every-other", help="'every-other' or indices/ranges such as '0-3,8'."),
+                   layers: str = typer.Option("every-other", help="'every-other', indices/ranges such as '0-3,8', or "
+                                              "measured: 'angular:K' or 'block-influence:K' (keep K layers)."),
+                   heal_steps: int = typer.Option(0, help="Heal the pruned model: this many steps of forward KL from MODEL "
+                                                  "over every token of --corpus. OUT is then a resumable run directory."),
+                   corpus: str = typer.Option("train", help="Healing text: 'train' (the --data training split's prompts "
+                                              "and answers in chat format), a .txt file, or a .jsonl file with 'text'."),
+                   data: str = typer.Option("bundled:telecom-sample", help="QA data: the 'train' corpus and the zero-shot check."),
+                   resume: bool = typer.Option(False, help="Continue an interrupted healing run in OUT."),
+                   set_: Optional[list[str]] = SetOpt,
                    overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous derive-student output.")) -> None:
-    """Build a smaller same-vocabulary student by keeping a subset of decoder layers."""
+    """Build a smaller same-vocabulary student by keeping a subset of decoder layers, optionally healed."""
     from distillqa.models.derive import derive_student as derive
 
-    typer.echo(f"wrote {_guard(lambda: _into(out, 'derive-student', overwrite, lambda tmp: derive(model, layers, tmp)))}")
+    if heal_steps == 0:
+        typer.echo(f"wrote {_guard(lambda: _into(out, 'derive-student', overwrite, lambda tmp: derive(model, layers, tmp)))}")
+        return
+    from distillqa.config import DeriveConfig, load_config
+    from distillqa.train.heal import run_heal
+    from distillqa.train.run_dir import RunDir
+
+    overrides = [f"parent={model}", f"layers={layers}", f"heal.steps={heal_steps}", f"heal.corpus={corpus}",
+                 f"data.source={data}", f"output_dir={out}", *(set_ or [])]
+    run = RunDir(_guard(lambda: run_heal(load_config(DeriveConfig, None, overrides), resume=resume)))
+    info = run.info
+    zero_shot = info.get("zero_shot", {})
+    score = f", zero-shot ROUGE-L {zero_shot['rouge_l']:.3f} on {zero_shot['questions']} validation questions" if "rouge_l" in zero_shot else ""
+    typer.echo(f"healed student in {run.path} (model: {run.path / 'final' / 'model'}): layers {info['layers']}{score}")
 
 
 @app.command()

@@ -59,7 +59,8 @@ def test_plan_has_the_studys_rows_and_matched_pairs(grid_cfg, tmp_path):
     hyps = {h.name: h for h in plan_hypotheses(cfg, rows)}
     assert {k: len(h.pairs) for k, h in hyps.items()} == {
         "teacher_sft": 8, "student_sft": 8, "both_sft": 4, "dskd_vs_vanilla": 4, "dskd-cma_vs_uld": 4, "vocabulary": 8,
-        "kd_vs_sft": 16, "teacher_model_sft": 2, "student_model_sft": 1}
+        "teacher_sft_same_vocabulary": 4, "teacher_sft_different_vocabulary": 4, "both_sft_same_vocabulary": 2,
+        "both_sft_different_vocabulary": 2, "kd_vs_sft": 16, "teacher_model_sft": 2, "student_model_sft": 1}
     by_name = {r.name: r.factors for r in rows}
     for a, b in hyps["teacher_sft"].pairs:  # only the teacher state differs within a pair
         diff = {k for k in by_name[a] if by_name[a][k] != by_name[b][k]}
@@ -145,9 +146,19 @@ def test_report_embeds_both_plots_and_names_the_method(finished):
         image = matplotlib.image.imread(exp / "plots" / f"{plot}.png")
         assert image.shape[0] > 300 and image.shape[1] > 600
     md, page = (exp / "report.md").read_text(), (exp / "report.html").read_text()
-    assert "Holm" in md and "rank-biserial" in md and md.count("null hypothesis rejected in") == 9
+    assert "Holm" in md and "rank-biserial" in md and md.count("null hypothesis rejected in") == 13
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
-    assert [len(h["results"]) for h in hyps] == [3] * 9
+    assert [len(h["results"]) for h in hyps] == [3] * 13
     assert all(r["n"] == 12 for h in hyps for r in h["results"])  # one paired difference per question, pairs averaged
     assert all(h["summary"].startswith("null hypothesis rejected in") and "of 3 metrics" in h["summary"] for h in hyps)
+    checks = json.loads((exp / "results" / "checks.json").read_text())
+    assert [c["name"] for c in checks["checks"]] == [
+        "every row answers in words", "student base works", "best distilled cell reaches half the best SFT'd teacher",
+        "teacher SFT shows through distillation"]
+    assert checks["kd_vs_sft"].startswith("distilled vs SFT alone (kd_vs_sft): null rejected")
+    assert "Sen et al. 2025" in md and "13 of 14 metrics" in md
+    # Answers side by side: every row's answer to the first test question, next to the reference.
+    first = json.loads((exp / "rows" / "student-base" / "predictions.jsonl").read_text().splitlines()[0])
+    section = md.split("## Answers side by side")[1]
+    assert f"Reference: {first['references'][0]}" in section and section.count("| SFT only: S=base |") == 4

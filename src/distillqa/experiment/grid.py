@@ -125,6 +125,12 @@ def plan_hypotheses(cfg: ExperimentConfig, rows: list[Row]) -> list[Hypothesis]:
         pairs = _pairs(cells, changed, matched)
         if pairs:
             out.append(Hypothesis(name, question, pairs))
+    # The study reports the SFT effects per teacher vocabulary: split them when the grid has both.
+    if {c.factors["vocabulary"] for c in cells} == {"same", "different"}:
+        for name, question, changed, matched in [sp for sp in specs if sp[0] in ("teacher_sft", "both_sft")]:
+            for vocab in ("same", "different"):
+                pairs = _pairs([c for c in cells if c.factors["vocabulary"] == vocab], changed, matched)
+                out.append(Hypothesis(f"{name}_{vocab}_vocabulary", f"{question} ({vocab}-vocabulary teacher)", pairs))
     # What the teacher adds: each cell against the same student trained as long without one.
     baselines = {r.factors["student_state"]: r.name for r in rows if r.kind == "sft-only"}
     kd_pairs = tuple((c.name, baselines[c.factors["student_state"]]) for c in cells if c.factors["student_state"] in baselines)

@@ -22,6 +22,10 @@ from pathlib import Path
 import yaml
 
 from distillqa.errors import RunDirError
+from distillqa.config import DataConfig
+from distillqa.data import load_splits
+from distillqa.experiment.checks import as_dicts, data_vocabulary, experiment_checks, kd_vs_sft_line
+from distillqa.experiment.paper import PAPER_FINDINGS, PAPER_NOTE
 from distillqa.experiment.stats import compare, summarize_hypothesis
 from distillqa.io import atomic_path, read_jsonl, write_json, write_text
 from distillqa.metrics.registry import METRICS, resolve_metrics
@@ -101,7 +105,39 @@ def compute_results(exp: Path) -> dict:
                      "results": [r.to_dict() for r in results]})
     method = METHOD.format(test=st["test"], test_note=TEST_NOTES[st["test"]], correction=CORRECTIONS[st["correction"]],
                            alpha=st["alpha"])
-    return {"config": cfg, "metrics": metrics, "rows": rows, "hypotheses": hyps, "method": method}
+    res = {"config": cfg, "metrics": metrics, "rows": rows, "hypotheses": hyps, "method": method}
+    test = load_splits(DataConfig(**cfg["data"]))[0]["test"]
+    res["checks"] = as_dicts(experiment_checks(exp, res, data_vocabulary(test)))
+    res["kd_vs_sft"] = kd_vs_sft_line(res)
+    res["examples"] = answers_side_by_side(exp, plan["rows"], test[:EXAMPLE_QUESTIONS])
+    return res
+
+
+EXAMPLE_QUESTIONS = 4
+
+
+def answers_side_by_side(exp: Path, rows: list[dict], examples) -> list[dict]:
+    """For a few test questions: the reference and every row's answer."""
+    answers = {row["name"]: {r["id"]: r["prediction"] for r in read_jsonl(exp / "rows" / row["name"] / "predictions.jsonl")}
+               for row in rows}
+    return [{"question": ex.question, "reference": ex.answers[0],
+             "answers": [[label(row), answers[row["name"]].get(ex.id, "")] for row in rows]} for ex in examples]
+
+
+def paper_comparison(res: dict) -> list[list[str]]:
+    """Each hypothesis the telecom study reports: its finding, this run's, and whether they agree."""
+    hyps = {h["name"]: h for h in res["hypotheses"]}
+    table = []
+    for name, finding in PAPER_FINDINGS.items():
+        if name not in hyps:
+            continue
+        h = hyps[name]
+        a_wins = sum(r["rejected"] and r["direction"] == "A" for r in h["results"])
+        b_wins = sum(r["rejected"] and r["direction"] == "B" for r in h["results"])
+        tested = len(h["results"])
+        ours = f"null rejected in {a_wins + b_wins} of {tested} metrics ({a_wins} with A higher, {b_wins} with B higher)"
+        table.append([h["question"], finding.text, ours, finding.agreement(a_wins, b_wins, tested)])
+    return table
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -185,14 +221,28 @@ def blocks(res: dict) -> list[tuple]:
             detail.append([h["name"], r["metric"], r["n"], f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}", f"{r['effect_size']:+.3f}",
                            f"{r['p_value']:.2g}", f"{r['p_adjusted']:.2g}", "yes" if r["rejected"] else "no", winner])
     pairs = [[h["name"], "; ".join(f"{a} vs {b}" for a, b in h["pairs"])] for h in res["hypotheses"]]
+    checks = [[c["name"], "pass" if c["passed"] else "FAIL", c["detail"]] for c in res["checks"]]
+    examples = []
+    for ex in res["examples"]:
+        examples += [("p", f"Q: {ex['question']}  Reference: {ex['reference']}"),
+                     ("table", ["row", "answer"], [[name, text or "(empty)"] for name, text in ex["answers"]])]
     return [
         ("h1", "distillqa experiment report"),
-        ("p", f"{len(res['rows'])} rows (reference models and distilled cells) scored on {len(metrics)} metrics: "
-              f"{', '.join(metrics)}."),
+        ("p", f"{len(res['rows'])} rows (reference models, SFT-only baselines and distilled cells) scored on "
+              f"{len(metrics)} metrics: {', '.join(metrics)}."),
+        ("h2", "Checks of the tool working"),
+        ("table", ["check", "result", "measured"], checks),
+        ("p", res["kd_vs_sft"] or "The grid has no SFT-only baseline, so kd_vs_sft is not tested."),
         ("h2", "Hypotheses"),
         ("table", ["hypothesis (A vs B)", "pairs", "result"], hyp_table),
         ("img", "plots/effects.png", "effect size heatmap"),
         ("p", res["method"]),
+        ("h2", "The telecom study's findings next to this run's"),
+        ("p", PAPER_NOTE),
+        ("table", ["hypothesis (A vs B)", "Sen et al. 2025", "this run", "agree?"], paper_comparison(res)),
+        ("h2", "Answers side by side"),
+        ("p", f"The first {len(res['examples'])} test questions, every row's answer next to the reference."),
+        *examples,
         ("h2", "Rows: mean [95% CI] per metric"),
         ("table", ["row", "n"] + metrics, cell_table),
         ("img", "plots/means.png", "metric means per row"),
@@ -253,6 +303,7 @@ def write_report(exp: str | Path) -> Path:
     res = compute_results(exp)
     write_json(exp / "results" / "rows.json", res["rows"])
     write_json(exp / "results" / "hypotheses.json", res["hypotheses"])
+    write_json(exp / "results" / "checks.json", {"checks": res["checks"], "kd_vs_sft": res["kd_vs_sft"]})
     if res["metrics"]:
         plot_means(res, exp / "plots" / "means.png")
         if res["hypotheses"]:
