@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distillqa.config import ExperimentConfig
 from distillqa.experiment.report import compute_results
 
 Q = ["q1", "q2", "q3", "q4"]
@@ -26,9 +27,10 @@ F1 = {"a1": [1, 2, 3, 4], "a2": [1, 2, 3, 4], "b1": [5, 6, 7, 9], "b2": [7, 8, 9
 def make_experiment(tmp_path: Path) -> Path:
     exp = tmp_path / "exp"
     exp.mkdir()
-    (exp / "experiment.yaml").write_text(yaml.safe_dump({
-        "evaluate": {"metrics": "rouge_l,token_f1"},
-        "stats": {"test": "wilcoxon", "correction": "none", "alpha": 0.05}}))
+    cfg = ExperimentConfig().model_dump(mode="json")  # every key the report may read
+    cfg["evaluate"]["metrics"] = "rouge_l,token_f1"
+    cfg["stats"].update(test="wilcoxon", correction="none", alpha=0.2)
+    (exp / "experiment.yaml").write_text(yaml.safe_dump(cfg))
     rows = [{"name": n, "kind": "cell", "factors": {"teacher": "t", "teacher_state": s, "student_state": "base",
                                                       "algorithm": a}} for n, (s, a) in
             {"a1": ("sft", "x"), "a2": ("sft", "y"), "b1": ("base", "x"), "b2": ("base", "y")}.items()]
@@ -43,6 +45,8 @@ def make_experiment(tmp_path: Path) -> Path:
         if name == "a1":  # a question only one row answered is not a paired observation
             lines.append({"id": "q5", "rouge_l": 1.0, "token_f1": 1.0})
         (out / "scores.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (out / "predictions.jsonl").write_text("".join(json.dumps({"id": x["id"], "prediction": "the AMF", "references": ["AMF"]})
+                                                       + "\n" for x in lines))
     return exp
 
 
@@ -63,6 +67,10 @@ def test_pairs_are_averaged_per_question_before_one_paired_test(tmp_path):
     # d = [1-6, 2-7, 3-8, 4-10] / 16 = [-5, -5, -5, -6] / 16: all negative, B higher.
     assert f1["effect_size"] == pytest.approx(-1.0) and f1["direction"] == "B"
     assert f1["mean_a"] == pytest.approx(10 / 4 / 16) and f1["mean_b"] == pytest.approx((6 + 7 + 8 + 10) / 4 / 16)
+    # 4 differences of one sign, no ties: exact p = 2 / 2^4 = 0.125 < alpha 0.2 (uncorrected); rouge_l's 0.25 is not.
+    assert f1["p_value"] == pytest.approx(0.125) and f1["rejected"] and not rouge["rejected"]
+    summary = {h["name"]: h["summary"] for h in res["hypotheses"]}["forward"]
+    assert summary == "null hypothesis rejected in 1 of 2 metrics (ngram 0/1, lexical 1/1)"
 
 
 def test_swapping_a_and_b_flips_every_difference(tmp_path):
