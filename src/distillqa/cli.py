@@ -35,6 +35,10 @@ def _guard(fn):
     except DistillQAError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    except OSError as e:  # the file system said no (permissions, a file where a directory should be, a full disk)
+        where = f"{e.filename}: " if e.filename else ""
+        typer.secho(f"error: {where}{e.strerror or e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
 
 def _into(out: str, command: str, overwrite: bool, write, recognise=None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from distillqa.errors import ConfigError
 from distillqa.metrics.settings import EvalSettings
 
 
@@ -12,7 +13,11 @@ def sentence_encoder(settings: EvalSettings):
     def load():
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformer(settings.embedding_path(), device="cuda" if torch.cuda.is_available() else "cpu")
+        path = settings.embedding_path()
+        try:
+            return SentenceTransformer(path, device="cuda" if torch.cuda.is_available() else "cpu")
+        except Exception as e:  # missing or corrupt files raise many kinds of errors
+            raise ConfigError(f"embedding_model: could not load {path}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
 
     return settings.memo(("sentence-encoder",), load)
 
@@ -58,7 +63,10 @@ def _bertscore(preds, refs, settings: EvalSettings):
     from bert_score import score as bert_score
 
     path = settings.embedding_path()
-    layers = settings.bertscore_layers or transformers.AutoConfig.from_pretrained(path).num_hidden_layers
+    try:
+        layers = settings.bertscore_layers or transformers.AutoConfig.from_pretrained(path).num_hidden_layers
+    except Exception as e:
+        raise ConfigError(f"embedding_model: could not read the config of {path}: {str(e).strip().splitlines()[0][:300]}") from None
     p, r, f = bert_score(preds, refs, model_type=path, num_layers=layers, batch_size=settings.batch_size,
                          device="cuda" if torch.cuda.is_available() else "cpu", verbose=False)
     return p.tolist(), r.tolist(), f.tolist()

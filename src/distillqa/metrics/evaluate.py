@@ -99,12 +99,14 @@ def _old_scores(scores_path: Path, summary_path: Path, digest: str, rows: list[d
 
 
 def make_judge(cfg: JudgeConfig):
-    from distillqa.metrics.judge import EndpointJudge, LocalJudge, ReplyCache
+    from distillqa.metrics.judge import EndpointJudge, LocalJudge, ReplyCache, check_url
     from distillqa.models.registry import cache_root
 
     if not (cfg.url or cfg.local_model):
         return None
-    if cfg.url and cfg.api_key_env and not os.environ.get(cfg.api_key_env):  # before the cache file is created
+    if cfg.url:
+        check_url(cfg.url)  # before the cache file is created
+    if cfg.url and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"judge.api_key_env: environment variable {cfg.api_key_env} is not set")
     cache = ReplyCache(cfg.cache or cache_root() / "judge.sqlite")
     common = dict(cache=cache, concurrency=cfg.concurrency, parse_retries=cfg.parse_retries, max_tokens=cfg.max_tokens)

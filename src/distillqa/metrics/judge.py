@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -174,6 +175,12 @@ class Judge:
         return results
 
 
+def check_url(base_url: str) -> None:
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"judge.url: '{base_url}' is not an http(s) URL such as http://127.0.0.1:8000/v1")
+
+
 class EndpointJudge(Judge):
     """An OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, Ollama, hosted APIs,
     `distillqa serve`). The API key is read from the environment variable `api_key_env` and is
@@ -182,6 +189,7 @@ class EndpointJudge(Judge):
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, timeout: float = 120.0,
                  retries: int = 3, **kwargs):
         super().__init__(model, **kwargs)
+        check_url(base_url)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.timeout, self.retries = timeout, retries
         self._api_key_env = api_key_env

@@ -32,10 +32,31 @@ class EvalSettings:
     _memo: dict = field(default_factory=dict, repr=False)
 
     def embedding_path(self) -> str:
-        return self.embedding_model or bundled_embedding_model()
+        if not self.embedding_model:
+            return bundled_embedding_model()
+        check_embedding_model(self.embedding_model)
+        return self.embedding_model
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """Compute once per evaluation what several metrics share (BERTScore P/R/F1, embeddings)."""
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+
+def check_embedding_model(name: str) -> None:
+    """A local embedding model must be a directory with a transformers config.json (hub ids pass)."""
+    import json
+    from pathlib import Path
+
+    from distillqa.errors import ConfigError
+
+    path = Path(name).expanduser()
+    if not (path.exists() or name.startswith((".", "/", "~"))):
+        return
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConfigError(f"embedding_model: {name} is not a model directory (it needs a config.json with a model_type)")

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from distillqa.config import DistillConfig, KDConfig, dump_config
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
-from distillqa.errors import ConfigError
+from distillqa.errors import ConfigError, DataError
 from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
@@ -73,6 +73,9 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
     data = [(s, t) for s, t in pairs if s is not None and t is not None]
     if cfg.kd.algorithm in SAME_VOCAB:
         data = [(s, s) for s, _ in data]  # one tokenisation serves both models
+    if not data:  # before the run directory exists: a failed start leaves nothing behind
+        raise DataError(cfg.data.source, None, None, f"none of the {len(pairs)} training examples fits prompt.max_length "
+                        f"({prompt.max_length} tokens) for both models even without its context; raise prompt.max_length")
 
     run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="distill", base_model=cfg.student.name, resume=resume)
     if run.finished:

@@ -11,6 +11,7 @@ import torch
 from distillqa.config import SFTConfig, dump_config
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
+from distillqa.errors import DataError
 from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train.loop import train
@@ -34,6 +35,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length)
     data, skipped = encode_split(builder, splits["train"])
+    if not data:  # before the run directory exists: a failed start leaves nothing behind
+        raise DataError(cfg.data.source, None, None, f"none of the {skipped} training examples fits prompt.max_length "
+                        f"({cfg.prompt.max_length} tokens) even without its context; raise prompt.max_length")
     run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="sft", base_model=cfg.model.name, resume=resume)
     if run.finished:
         log.info("%s is already finished; nothing to do", run.path)
