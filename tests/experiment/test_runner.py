@@ -151,7 +151,11 @@ def test_report_embeds_both_plots_and_names_the_method(finished):
     hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
     assert [len(h["results"]) for h in hyps] == [3] * 13
     assert all(r["n"] == 12 for h in hyps for r in h["results"])  # one paired difference per question, pairs averaged
-    assert all(h["summary"].startswith("null hypothesis rejected in") and "of 3 metrics" in h["summary"] for h in hyps)
+    for h in hyps:  # the summary counts the rejected metrics per family: rouge_l and bleu_1 n-gram, token_f1 lexical
+        rejected = {r["metric"] for r in h["results"] if r["rejected"]}
+        assert all(r["rejected"] == (r["p_adjusted"] < 0.05) for r in h["results"])
+        assert h["summary"] == (f"null hypothesis rejected in {len(rejected)} of 3 metrics (ngram "
+                                f"{len(rejected & {'rouge_l', 'bleu_1'})}/2, lexical {int('token_f1' in rejected)}/1)")
     checks = json.loads((exp / "results" / "checks.json").read_text())
     assert [c["name"] for c in checks["checks"]] == [
         "every row answers in words", "student base works", "best distilled cell reaches half the best SFT'd teacher",
