@@ -144,6 +144,7 @@ def test_iqr_rule_and_anova_find_a_planted_method_effect():
 
 
 def test_tiny_experiment_end_to_end_and_resumes(tiny_chat_model, tmp_path):
+    from distillqa.generate import SKIPPED
     from distillqa.rationales.experiment import run_rationale_experiment
 
     data = write_jsonl(tmp_path / "r.jsonl", rows(12))
@@ -152,14 +153,33 @@ def test_tiny_experiment_end_to_end_and_resumes(tiny_chat_model, tmp_path):
                  "generation.max_new_tokens=8", f"output_dir={tmp_path}/exp"]
     exp = run_rationale_experiment(load_config(RationaleExperimentConfig, None, overrides), echo=lambda m: None)
     runs = json.loads((exp / "results" / "runs.json").read_text())
-    assert len(runs) == 12 and all(r["n"] == 6 and 0 <= r["unparseable"] <= 6 for r in runs)
+    assert len(runs) == 12 and all(r["n"] == 6 for r in runs)
+    for r in runs:  # recounted from each cell's answers: no "the answer is", and not a prompt that did not fit
+        preds = [json.loads(x) for x in (exp / "answers" / r["cell"] / "predictions.jsonl").read_text().splitlines()]
+        assert r["unparseable"] == sum(parse_answer(p["prediction"], tuple(CHOICES)) is None and "note" not in p for p in preds)
     study = [json.loads(x) for x in (exp / "answers" / "mt_revised_seed1" / "study.jsonl").read_text().splitlines()]
     assert len(study) == 2 and {"question", "choices", "predicted", "explanation"} <= set(study[0])
     assert "data:image/png;base64," in (exp / "report.html").read_text()
-    before = (exp / "answers" / "cf_unrevised_seed0" / "predictions.jsonl").read_text()
-    (exp / "answers" / "cf_unrevised_seed0" / "accuracy.json").unlink()  # an unfinished stage is redone, the rest reused
+    # Hand-written answers in one cell, scored again: 2 correct, 1 unparseable, 1 prompt too long, 2 wrong.
+    cell = exp / "answers" / "cf_unrevised_seed0"
+    preds = [json.loads(x) for x in (cell / "predictions.jsonl").read_text().splitlines()]
+    gold = {r["id"]: r["answer"] for r in rows(12)}
+    other = {q: CHOICES[(CHOICES.index(g) + 1) % 5] for q, g in gold.items()}
+    texts = [lambda q: f"It fits. So the answer is {gold[q]}.", lambda q: f"So the answer is: {other[q]}!",
+             lambda q: "I cannot tell.", lambda q: f"THE ANSWER IS {gold[q].upper()}", lambda q: "The answer is mountain.", None]
+    for p, text in zip(preds, texts):
+        if text is None:
+            p.update(prediction="", note=SKIPPED, skipped=True)  # as generate writes a prompt that did not fit
+        else:
+            p["prediction"] = text(p["id"])
+    before = "".join(json.dumps(p) + "\n" for p in preds)
+    (cell / "predictions.jsonl").write_text(before)
+    (cell / "accuracy.json").unlink()  # an unfinished stage is redone, the rest reused
     run_rationale_experiment(load_config(RationaleExperimentConfig, None, overrides), echo=lambda m: None)
-    assert (exp / "answers" / "cf_unrevised_seed0" / "predictions.jsonl").read_text() == before
+    assert (cell / "predictions.jsonl").read_text() == before
+    acc = json.loads((cell / "accuracy.json").read_text())
+    assert (acc["n"], acc["correct"], acc["unparseable"], acc["prompt_too_long"]) == (6, 2, 1, 1)
+    assert acc["accuracy"] == pytest.approx(2 / 6)
     with pytest.raises(Exception, match="different config"):
         run_rationale_experiment(load_config(RationaleExperimentConfig, None, overrides + ["alpha=0.2"]), echo=lambda m: None)
 
