@@ -21,7 +21,7 @@ import time
 
 import torch
 
-STUDENT = "smollm2-135m@layers=every-other"
+STUDENT = "smollm2-135m@layers=angular:22"
 CASES = [("smollm2-135m", "vanilla"), ("smollm2-135m", "dskd"), ("gemma3-270m", "dskd-cma"), ("gemma3-270m", "uld")]
 PHASES = ("teacher", "sft", "teacher+sft", "kd")
 

@@ -206,7 +206,7 @@ class DistillConfig(Section):
     """`distillqa distill`: distil a student from a frozen teacher."""
 
     teacher: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
-    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=every-other"))
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=angular:22"))
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -223,7 +223,7 @@ class DeriveConfig(Section):
     """`distillqa derive-student`: a layer-pruned student, optionally healed from its parent."""
 
     parent: ModelConfig = Field(default_factory=ModelConfig, description="The model whose layers are pruned.")
-    layers: str = Field("angular:20", description="Layers kept: `every-other`, indices and ranges (`0-3,8`), or measured on "
+    layers: str = Field("angular:22", description="Layers kept: `every-other`, indices and ranges (`0-3,8`), or measured on "
                         "the corpus: `angular:K` (drop the most redundant contiguous block) or `block-influence:K`.")
     data: DataConfig = Field(default_factory=DataConfig, description="QA data: the `train` corpus and the zero-shot check.")
     prompt: PromptConfig = Field(default_factory=PromptConfig)
@@ -237,7 +237,7 @@ class TeacherSpec(Section):
 
 
 class GridConfig(Section):
-    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=angular:20"),
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=angular:22"),
                                  description="The student of every cell; `<parent>@layers=<spec>` prunes a parent model.")
     heal: HealConfig = Field(default_factory=lambda: HealConfig(steps=120), description="Healing of a pruned student "
                              "(`@layers=` in its name) before anything else; its result is the grid's student base. "
@@ -281,22 +281,31 @@ class StatsConfig(Section):
 # Presets fill in what the user leaves out; explicit keys always win.
 EXPERIMENT_PRESETS: dict[str, dict] = {
     # About 15 minutes on a 2-core CPU: the bundled sample, 16 test questions, a few steps a stage.
+    # About 15 minutes on a 2-core CPU once the student is healed (first run: + about 8 minutes):
+    # the bundled sample, all 36 test questions, one algorithm per teacher (8 cells), a few steps a stage.
     "quick": {
-        "data": {"source": "bundled:telecom-sample", "max_eval_examples": 16},
+        "data": {"source": "bundled:telecom-sample"},
         "prompt": {"max_length": 256},
+        "grid": {"heal": {"steps": 40},
+                 "teachers": [{"name": "smollm2-135m", "algorithms": ["vanilla"]},
+                              {"name": "gemma3-270m", "algorithms": ["uld"]}]},
         "sft": {"train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2}},
-        "distill": {"train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2}},
-        "generation": {"max_new_tokens": 16, "batch_size": 16},
+        "distill": {"train": {"max_steps": 8, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4}},
+        "generation": {"max_new_tokens": 16, "batch_size": 18},
         "evaluate": {"metrics": "offline"},
     },
-    # TeleQuAD (or any QA file) from a path you give: about 8 hours on a 2-core CPU (estimated
-    # from measured step times: 16 cells x 50 KD steps dominate).
+    # TeleQuAD (or any QA file) from a path you give, sized for at most 2 hours on a 2-core CPU
+    # (estimated from the quick grid's measured stage times, not yet run end to end): 200 test
+    # questions, 8 cells as in quick, 40 steps of 8 per SFT, 24 per KD cell and SFT-only baseline.
     "cpu": {
         "data": {"format": "auto", "max_train_examples": 400, "max_eval_examples": 200},
         "prompt": {"max_length": 384},
-        "sft": {"train": {"epochs": 1, "batch_size": 8, "lr": 5e-4}},
-        "distill": {"train": {"epochs": 1, "batch_size": 8, "lr": 5e-4}},
-        "generation": {"max_new_tokens": 32, "batch_size": 16},
+        "grid": {"heal": {"steps": 60},
+                 "teachers": [{"name": "smollm2-135m", "algorithms": ["vanilla"]},
+                              {"name": "gemma3-270m", "algorithms": ["uld"]}]},
+        "sft": {"train": {"max_steps": 40, "batch_size": 8, "lr": 5e-4, "checkpoint_every": 10}},
+        "distill": {"train": {"max_steps": 24, "batch_size": 8, "lr": 5e-4, "checkpoint_every": 8}},
+        "generation": {"max_new_tokens": 24, "batch_size": 25},
         "evaluate": {"metrics": "offline"},
     },
     # The telecom study's settings, for GPUs.

@@ -36,6 +36,14 @@ def tiny_grid(student: str, same: str, other: str, out: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory):
+    """The healed tiny students go to a cache of this module's own, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTILLQA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def grid_cfg(tiny_model, tiny_other_vocab_model):
     def make(out: Path) -> ExperimentConfig:

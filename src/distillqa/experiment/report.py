@@ -266,7 +266,8 @@ def to_markdown(doc: list[tuple]) -> str:
         elif kind == "table":
             headers, rows = rest
             out.append("\n".join(["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)] +
-                                 ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]))
+                                 ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>") for c in row) + " |"
+                                  for row in rows]))
         elif kind == "img":
             out.append(f"![{rest[1]}]({rest[0]})")
         elif kind == "pre":
@@ -287,7 +288,8 @@ def to_html(doc: list[tuple], exp: Path) -> str:
         elif kind == "table":
             headers, rows = rest
             out.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in headers) + "</tr>" +
-                       "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+                       "".join("<tr>" + "".join(f"<td>{esc(str(c)).replace(chr(10), '<br>')}</td>" for c in row) + "</tr>"
+                               for row in rows) + "</table>")
         elif kind == "img":
             data = base64.b64encode((exp / rest[0]).read_bytes()).decode()
             out.append(f"<img alt='{esc(rest[1])}' src='data:image/png;base64,{data}'>")
