@@ -130,7 +130,8 @@ def plan_hypotheses(cfg: ExperimentConfig, rows: list[Row]) -> list[Hypothesis]:
         for name, question, changed, matched in [sp for sp in specs if sp[0] in ("teacher_sft", "both_sft")]:
             for vocab in ("same", "different"):
                 pairs = _pairs([c for c in cells if c.factors["vocabulary"] == vocab], changed, matched)
-                out.append(Hypothesis(f"{name}_{vocab}_vocabulary", f"{question} ({vocab}-vocabulary teacher)", pairs))
+                if pairs:  # e.g. both_sft in a grid with one student state has none
+                    out.append(Hypothesis(f"{name}_{vocab}_vocabulary", f"{question} ({vocab}-vocabulary teacher)", pairs))
     # What the teacher adds: each cell against the same student trained as long without one.
     baselines = {r.factors["student_state"]: r.name for r in rows if r.kind == "sft-only"}
     kd_pairs = tuple((c.name, baselines[c.factors["student_state"]]) for c in cells if c.factors["student_state"] in baselines)
