@@ -29,10 +29,29 @@ def test_sft_and_generate_offline(name, vocab, layers, chat, tmp_path):
 
 
 def test_smollm2_student_has_15_layers_and_answers():
-    student = load_model("smollm2-135m@layers=every-other")
+    import torch
+
+    from distillqa.config import GenerationConfig
+    from distillqa.data import load_examples
+    from distillqa.data.prompts import PromptBuilder
+    from distillqa.generate import generate_batch
+
+    student, tok = load_model("smollm2-135m@layers=every-other"), load_tokenizer("smollm2-135m@layers=every-other")
     assert student.config.num_hidden_layers == 15 and student.config.vocab_size == 49152
     n_params = sum(p.numel() for p in student.parameters())
     assert 70e6 < n_params < 90e6
+    # It answers: batched, KV-cached generation on real questions gives text, the same as without the cache
+    # (the pruned layers' cache indices are renumbered).
+    builder = PromptBuilder(tok, max_length=256)
+    prompts = [builder.encode_prompt(ex, 8) for ex in load_examples("bundled:telecom-sample")[0][:2]]
+    answers = generate_batch(student, tok, prompts, GenerationConfig(max_new_tokens=8))
+    assert len(answers) == 2 and all(any(ch.isalpha() for ch in a) for a in answers), answers
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        cached = student.generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
+        uncached = student.generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(cached, uncached)
+    assert tok.decode(cached[0, ids.shape[1]:], skip_special_tokens=True).strip() == answers[0]
 
 
 @pytest.mark.parametrize("teacher, algorithm", [
@@ -93,7 +112,7 @@ def test_real_teacher_writes_rationales_revisions_and_counterfactuals(tmp_path):
 
 
 @pytest.mark.skipif(not (LLAMA2 / "train.jsonl").is_file(), reason="shared Llama-2 teacher outputs not present")
-def test_real_student_learns_from_llama2_rationales(tmp_path):
+def test_real_student_trains_and_answers_from_llama2_rationales(tmp_path):
     from distillqa.config import RationaleExperimentConfig
     from distillqa.rationales.experiment import run_rationale_experiment
 
@@ -104,4 +123,11 @@ def test_real_student_learns_from_llama2_rationales(tmp_path):
         f"output_dir={tmp_path}/exp"]), echo=lambda msg: None)
     runs = json.loads((exp / "results" / "runs.json").read_text())
     assert [r["cell"] for r in runs] == ["mt_revised_seed0", "cf_revised_seed0"] and all(r["n"] == 4 for r in runs)
+    from safetensors.torch import load_file
+
+    for cell in ("mt_revised_seed0", "cf_revised_seed0"):  # the step changed the student: LoRA B starts at zero
+        adapter = load_file(str(exp / "cells" / cell / "final" / "adapter" / "adapter_model.safetensors"))
+        assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k), cell
+        preds = (exp / "answers" / cell / "predictions.jsonl").read_text().splitlines()
+        assert len(preds) == 4
     assert "no residual degrees of freedom" in (exp / "report.md").read_text()
