@@ -70,14 +70,16 @@ def test_distill_real_teacher_into_15_layer_student(teacher, algorithm, tmp_path
 
 
 def test_experiment_grid_with_real_models(tmp_path):
-    """A one-state grid on the real models: vocabularies detected from the tokenizers, the
-    cross-vocabulary cell trained, every row answered and scored, the report written."""
+    """A one-state grid on the real models: the pruned student healed from SmolLM2, vocabularies
+    detected from the tokenizers, the cross-vocabulary cell trained, every row answered and
+    scored, the report written."""
     from distillqa.config import ExperimentConfig
     from distillqa.experiment.runner import run_experiment
 
     cfg = load_config(ExperimentConfig, None, [
         "grid.teachers=[{name: smollm2-135m, algorithms: [vanilla]}, {name: gemma3-270m, algorithms: [uld]}]",
         "grid.teacher_states=[base]", "grid.student_states=[base]", "data.max_train_examples=4",
+        "grid.heal.steps=2", "grid.heal.batch_size=2", "grid.heal.eval_examples=2",
         "data.max_eval_examples=4", "distill.train.max_steps=1", "distill.train.batch_size=2",
         "generation.max_new_tokens=4", "evaluate.metrics=rouge_l,token_f1", f"output_dir={tmp_path}/exp"])
     exp = run_experiment(cfg, echo=lambda msg: None)
@@ -86,10 +88,22 @@ def test_experiment_grid_with_real_models(tmp_path):
     assert {t: r["factors"]["vocabulary"] for t, r in cells.items()} == {"smollm2-135m": "same", "gemma3-270m": "different"}
     hyps = json.loads((exp / "results" / "hypotheses.json").read_text())
     assert [(h["name"], h["pairs"]) for h in hyps] == [
-        ("vocabulary", [[cells["smollm2-135m"]["name"], cells["gemma3-270m"]["name"]]])]
-    assert all(r["n"] == 4 for r in hyps[0]["results"])
+        ("vocabulary", [[cells["smollm2-135m"]["name"], cells["gemma3-270m"]["name"]]]),
+        ("kd_vs_sft", [[cells[t]["name"], "sft-only_student-base"] for t in ("smollm2-135m", "gemma3-270m")])]
+    assert all(r["n"] == 4 for h in hyps for r in h["results"])
     rows = json.loads((exp / "results" / "rows.json").read_text())
-    assert len(rows) == 5 and "data:image/png;base64," in (exp / "report.html").read_text()
+    assert len(rows) == 6 and "data:image/png;base64," in (exp / "report.html").read_text()
+    # The student base is the healed 22-layer student, its run directory in the model cache.
+    student = yaml_model_name(exp / "rows" / "student-base")
+    info = json.loads((Path(student) / "run.json").read_text())
+    assert info["kind"] == "heal" and len(info["layers"]) == 22 and info["layer_choice"]["method"] == "angular"
+    assert load_model(student).config.num_hidden_layers == 22
+
+
+def yaml_model_name(row_dir: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((row_dir / "generate_config.yaml").read_text())["model"]["name"]
 
 
 LLAMA2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cqa-teacher-llama2"
