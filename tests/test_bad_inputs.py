@@ -80,6 +80,14 @@ def predictions(d: Path, rows: list | bytes | str) -> str:
     return str(d / "preds")
 
 
+def damaged_experiment(d: Path) -> Path:
+    exp = d / "exp"
+    exp.mkdir()
+    (exp / "experiment.yaml").write_text("preset: quick\n")
+    (exp / "plan.json").write_text('{"rows": ')
+    return exp
+
+
 def finished_run(d: Path, name: str = "run", info: dict | str | None = None) -> Path:
     p = d / name
     p.mkdir()
@@ -212,6 +220,12 @@ CASES = [
     Case("rationales-experiment-into-user-dir", lambda d, m: ["rationales", "experiment", "--set", f"output_dir={user_dir(d)}",
                                                               "--set", "train_file=x.jsonl", "--set", "eval_file=y.jsonl"], ["mine"]),
     Case("experiment-report-not-an-experiment", lambda d, m: ["experiment", "report", str(user_dir(d))], ["mine", "not an experiment"]),
+    Case("experiment-report-damaged-plan", lambda d, m: ["experiment", "report", str(damaged_experiment(d))], ["exp", "damaged"]),
+    Case("derive-heal-corpus-missing", lambda d, m: ["derive-student", m["plain"], str(d / "s"), "--layers", "0-1",
+                                                      "--heal-steps", "2", "--corpus", str(d / "nope.txt")], ["nope.txt", "not a file"]),
+    Case("derive-heal-corpus-bad-line", lambda d, m: ["derive-student", m["plain"], str(d / "s"), "--layers", "0-1", "--heal-steps", "2",
+                                                       "--corpus", data_file(d, "c.jsonl", [{"text": "ok"}, {"txt": "no"}])],
+         ["c.jsonl", "line 2", "field 'text'"]),
     Case("sft-no-example-fits", lambda d, m: sft(d, m, data_file(d, "d.jsonl", [{**g, "question": "word " * 200} for g in GOOD]),
                                                  "--set", "prompt.max_length=64"), ["d.jsonl", "prompt.max_length"]),
     Case("judge-url-not-http", lambda d, m: ["evaluate", predictions(d, [PRED]), "--metrics", "faithfulness", "--judge-url", "notaurl",

@@ -60,8 +60,13 @@ def load_experiment(exp: Path) -> tuple[dict, dict, dict[str, dict[str, dict]]]:
     for name in ("experiment.yaml", "plan.json"):
         if not (exp / name).is_file():
             raise RunDirError(f"{exp} is not an experiment directory (no {name}); run `distillqa experiment run` first")
-    cfg = yaml.safe_load((exp / "experiment.yaml").read_text())
-    plan = json.loads((exp / "plan.json").read_text())
+    try:
+        cfg = yaml.safe_load((exp / "experiment.yaml").read_text(encoding="utf-8"))
+        plan = json.loads((exp / "plan.json").read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict) or not isinstance(plan, dict) or not isinstance(plan.get("rows"), list):
+            raise ValueError("not the layout distillqa writes")
+    except (yaml.YAMLError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunDirError(f"{exp}: experiment.yaml or plan.json is damaged ({str(e).splitlines()[0]})") from None
     scores = {}
     for row in plan["rows"]:
         path = exp / "rows" / row["name"] / "scores.jsonl"
