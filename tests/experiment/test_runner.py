@@ -171,6 +171,10 @@ def test_report_embeds_both_plots_and_names_the_method(finished):
     assert checks["kd_vs_sft"].startswith("distilled vs SFT alone (kd_vs_sft): null rejected")
     assert "Sen et al. 2025" in md and "13 of 14 metrics" in md
     # Answers side by side: every row's answer to the first test question, next to the reference.
-    first = json.loads((exp / "rows" / "student-base" / "predictions.jsonl").read_text().splitlines()[0])
-    section = md.split("## Answers side by side")[1]
-    assert f"Reference: {first['references'][0]}" in section and section.count("| SFT only: S=base |") == 4
+    from distillqa.config import DataConfig
+    from distillqa.data import load_splits
+
+    test = load_splits(DataConfig(**yaml.safe_load((exp / "experiment.yaml").read_text())["data"]))[0]["test"]
+    section = md.split("## Answers side by side")[1].split("\n## ")[0]
+    assert all(f"Q: {ex.question}  Reference: {ex.answers[0]}" in section for ex in test[:4])
+    assert section.count("| SFT only: S=base |") == 4
