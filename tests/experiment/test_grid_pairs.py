@@ -43,19 +43,14 @@ def check_factors(rows: dict, pairs: set, varied: set[str], a_levels: dict[str, 
 STUDY_TEACHERS = [{"name": T1, "algorithms": ["vanilla", "dskd"]}, {"name": T2, "algorithms": ["dskd-cma", "uld"]}]
 
 
-def test_default_grid_pairs_every_hypothesis_exactly():
-    cfg = load_config(ExperimentConfig, None, [])
-    assert [(t.name, t.algorithms) for t in cfg.grid.teachers] == [(T1, ["vanilla"]), (T2, ["uld"])]
-    assert (cfg.grid.teacher_states, cfg.grid.student_states) == (["base", "sft"], ["base", "sft"])
-    rows, hyps = plan()
-    cells = [("vanilla", T1), ("uld", T2)]
+def two_teacher_pairs(cells: list[tuple[str, str]]) -> dict[str, set]:
+    """The pairs every two-teacher, two-state grid has, written out for its (algorithm, teacher) cells."""
     teacher_sft = {(c(a, t, "sft", ss), c(a, t, "base", ss)) for a, t in cells for ss in STATES}
     both_sft = {(c(a, t, "sft", "sft"), c(a, t, "base", "base")) for a, t in cells}
-    assert hyps == {  # no algorithm pair: each teacher has one algorithm
+    return {
         "teacher_sft": teacher_sft,
         "student_sft": {(c(a, t, ts, "sft"), c(a, t, ts, "base")) for a, t in cells for ts in STATES},
         "both_sft": both_sft,
-        "vocabulary": {(c("vanilla", T1, ts, ss), c("uld", T2, ts, ss)) for ts in STATES for ss in STATES},
         "teacher_sft_same_vocabulary": {p for p in teacher_sft if SLUG[T1] in p[0]},
         "teacher_sft_different_vocabulary": {p for p in teacher_sft if SLUG[T2] in p[0]},
         "both_sft_same_vocabulary": {p for p in both_sft if SLUG[T1] in p[0]},
@@ -63,6 +58,18 @@ def test_default_grid_pairs_every_hypothesis_exactly():
         "kd_vs_sft": {(c(a, t, ts, ss), f"sft-only_student-{ss}") for a, t in cells for ts in STATES for ss in STATES},
         "teacher_model_sft": {(f"teacher-{SLUG[t]}-sft", f"teacher-{SLUG[t]}-base") for t in (T1, T2)},
         "student_model_sft": {("student-sft", "student-base")},
+    }
+
+
+def test_default_grid_pairs_every_hypothesis_exactly():
+    cfg = load_config(ExperimentConfig, None, [])
+    assert [(t.name, t.algorithms) for t in cfg.grid.teachers] == [(T1, ["vanilla"]), (T2, ["uld"])]
+    assert (cfg.grid.teacher_states, cfg.grid.student_states) == (["base", "sft"], ["base", "sft"])
+    rows, hyps = plan()
+    cells = [("vanilla", T1), ("uld", T2)]
+    assert hyps == {  # no algorithm pair: each teacher has one algorithm
+        **two_teacher_pairs(cells),
+        "vocabulary": {(c("vanilla", T1, ts, ss), c("uld", T2, ts, ss)) for ts in STATES for ss in STATES},
     }
     check_factors(rows, hyps["teacher_sft"], {"teacher_state"}, {"teacher_state": "sft"})
     check_factors(rows, hyps["student_sft"], {"student_state"}, {"student_state": "sft"})
@@ -73,23 +80,12 @@ def test_default_grid_pairs_every_hypothesis_exactly():
 def test_study_grid_pairs_every_hypothesis_exactly():
     rows, hyps = plan(**{"grid.teachers": STUDY_TEACHERS})
     cells = [(alg, t) for t, algs in ((T1, ("vanilla", "dskd")), (T2, ("dskd-cma", "uld"))) for alg in algs]
-    teacher_sft = {(c(a, t, "sft", ss), c(a, t, "base", ss)) for a, t in cells for ss in STATES}
-    both_sft = {(c(a, t, "sft", "sft"), c(a, t, "base", "base")) for a, t in cells}
     expected = {
-        "teacher_sft": teacher_sft,
-        "student_sft": {(c(a, t, ts, "sft"), c(a, t, ts, "base")) for a, t in cells for ts in STATES},
-        "both_sft": both_sft,
+        **two_teacher_pairs(cells),
         "dskd_vs_vanilla": {(c("dskd", T1, ts, ss), c("vanilla", T1, ts, ss)) for ts in STATES for ss in STATES},
         "dskd-cma_vs_uld": {(c("dskd-cma", T2, ts, ss), c("uld", T2, ts, ss)) for ts in STATES for ss in STATES},
         "vocabulary": {(c(same, T1, ts, ss), c(other, T2, ts, ss)) for same, other in (("vanilla", "uld"), ("dskd", "dskd-cma"))
                        for ts in STATES for ss in STATES},
-        "teacher_sft_same_vocabulary": {p for p in teacher_sft if SLUG[T1] in p[0]},
-        "teacher_sft_different_vocabulary": {p for p in teacher_sft if SLUG[T2] in p[0]},
-        "both_sft_same_vocabulary": {p for p in both_sft if SLUG[T1] in p[0]},
-        "both_sft_different_vocabulary": {p for p in both_sft if SLUG[T2] in p[0]},
-        "kd_vs_sft": {(c(a, t, ts, ss), f"sft-only_student-{ss}") for a, t in cells for ts in STATES for ss in STATES},
-        "teacher_model_sft": {(f"teacher-{SLUG[t]}-sft", f"teacher-{SLUG[t]}-base") for t in (T1, T2)},
-        "student_model_sft": {("student-sft", "student-base")},
     }
     assert hyps == expected
     assert [len(expected[k]) for k in ("teacher_sft", "student_sft", "both_sft", "vocabulary", "kd_vs_sft")] == [8, 8, 4, 8, 16]
