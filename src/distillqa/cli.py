@@ -257,7 +257,8 @@ def derive_student(model: str = typer.Argument(..., help="Model to prune (any mo
                    heal_steps: int = typer.Option(0, help="Heal the pruned model: this many steps of forward KL from MODEL "
                                                   "over every token of --corpus. OUT is then a resumable run directory."),
                    corpus: str = typer.Option("train", help="Healing text: 'train' (the --data training split's prompts "
-                                              "and answers in chat format), a .txt file, or a .jsonl file with 'text'."),
+                                              "and answers in chat format), 'parent-answers' (those prompts with MODEL's own "
+                                              "greedy answers), a .txt file, or a .jsonl file with 'text'."),
                    data: str = typer.Option("bundled:telecom-sample", help="QA data: the 'train' corpus and the zero-shot check."),
                    resume: bool = typer.Option(False, help="Continue an interrupted healing run in OUT."),
                    set_: Optional[list[str]] = SetOpt,

@@ -158,7 +158,9 @@ class HealConfig(Section):
 
     steps: int = Field(0, ge=0, description="Optimizer steps of healing (0: no healing).")
     corpus: str = Field("train", description="`train`: the training split's prompts with their reference answers, in the "
-                        "model's chat format; or a .txt file, or a .jsonl file with a `text` field per line.")
+                        "model's chat format; `parent-answers`: the same prompts with the parent's own greedy answers; "
+                        "or a .txt file, or a .jsonl file with a `text` field per line.")
+    answer_tokens: int = Field(48, ge=1, description="New tokens per parent answer (corpus `parent-answers`).")
     batch_size: int = Field(4, ge=1, description="Sequences per step.")
     max_length: int = Field(256, ge=16, description="Tokens per sequence (longer text is cut into pieces of this size).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (all weights train; cosine decay after 5% warm-up).")

@@ -98,3 +98,28 @@ def test_text_corpora_are_cut_into_pieces_and_bad_lines_named(tiny_model, tmp_pa
     cfg = heal_config(tiny_model, tmp_path / "run", corpus=str(bad))
     with pytest.raises(DataError, match=r"bad.jsonl: line 2: field 'text': missing"):
         healing_corpus(cfg.heal, cfg.data, cfg.prompt, tok)
+
+
+def test_parent_answers_corpus_heals_on_the_parents_own_answers(tiny_model, tmp_path):
+    from distillqa.data import load_splits
+    from distillqa.data.prompts import PromptBuilder
+    from distillqa.generate import generate_batch
+    from distillqa.config import GenerationConfig
+    from distillqa.train.heal import corpus_hash
+
+    cfg = heal_config(tiny_model, tmp_path / "run", corpus="parent-answers", answer_tokens=6, steps=2, eval_examples=0)
+    run = run_heal(cfg)
+    rows = [json.loads(line) for line in (run / "parent_answers.jsonl").read_text().splitlines()]
+    examples = load_splits(cfg.data)[0]["train"]
+    assert [r["id"] for r in rows] == [ex.id for ex in examples]
+    # The answers are the parent's greedy continuations of the training prompts.
+    tok, parent = load_tokenizer(tiny_model), load_model(tiny_model, "fp32")
+    builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.heal.max_length)
+    first = builder.encode_prompt(examples[0], 6)
+    assert generate_batch(parent, tok, [first], GenerationConfig(max_new_tokens=6))[0] == rows[0]["prediction"]
+    # and the student healed on prompt + that answer, not on the reference answers.
+    own = [builder.encode_train(ex, r["prediction"]) for ex, r in zip(examples, rows) if r["prediction"]]
+    own = [type(e)(e.id, e.input_ids, e.input_ids) for e in own if e]
+    info = json.loads((run / "run.json").read_text())
+    assert info["corpus_sha256"] == corpus_hash(own) != corpus_hash(healing_corpus(cfg.heal, cfg.data, cfg.prompt, tok))
+    assert info["status"] == "finished"

@@ -40,16 +40,26 @@ def _pieces(ids: list[int], width: int, source: str) -> list[Encoded]:
             if len(ids[i : i + width]) > 1]
 
 
+PARENT_ANSWERS = "parent-answers"
+
+
+def _all_tokens(encoded: list[Encoded | None]) -> list[Encoded]:
+    return [Encoded(e.id, e.input_ids, e.input_ids) for e in encoded if e]
+
+
 def healing_corpus(heal: HealConfig, data: DataConfig, prompt: PromptConfig, tok) -> list[Encoded]:
-    """The corpus as token sequences whose labels are every token (so every position is distilled)."""
-    if heal.corpus == "train":
+    """The corpus as token sequences whose labels are every token (so every position is distilled).
+
+    For `parent-answers` these are the `train` sequences: `run_heal` replaces their answers with
+    the parent's, which are fixed by the parent and these prompts (so the cache key stays exact)."""
+    if heal.corpus in ("train", PARENT_ANSWERS):
         builder = PromptBuilder(tok, prompt.template, prompt.instruction, heal.max_length)
-        encoded = [e for ex in load_splits(data)[0]["train"] if (e := builder.encode_train(ex))]
-        out = [Encoded(e.id, e.input_ids, e.input_ids) for e in encoded]
+        out = _all_tokens([builder.encode_train(ex) for ex in load_splits(data)[0]["train"]])
     else:
         path = Path(heal.corpus).expanduser()
         if not path.is_file():
-            raise DataError(str(path), None, None, "heal.corpus is not a file (use 'train', a .txt file or a .jsonl file)")
+            raise DataError(str(path), None, None, f"heal.corpus is not a file (use 'train', '{PARENT_ANSWERS}', a .txt "
+                            "file or a .jsonl file)")
         out = []
         if path.suffix == ".jsonl":
             for line, row in iter_json_lines(path):
@@ -92,6 +102,8 @@ def run_heal(cfg: DeriveConfig, resume: bool = False, corpus: list[Encoded] | No
     if run.finished:
         return run.path
     parent = load_model(cfg.parent.name, "fp32", cfg.parent.trust_remote_code)
+    if heal.corpus == PARENT_ANSWERS:
+        corpus = parent_answers(parent, tok, cfg, run.path / "parent_answers.jsonl")
     if "layers" in run.info:  # resumed: the layers chosen when the run started
         keep = run.info["layers"]
     else:
@@ -108,6 +120,22 @@ def run_heal(cfg: DeriveConfig, resume: bool = False, corpus: list[Encoded] | No
         run.update(zero_shot=zero_shot_rouge(student, tok, cfg.data, cfg.prompt, heal.eval_examples))
     save_final(run, student, tok, lora=False)
     return run.path
+
+
+def parent_answers(parent, tok, cfg: DeriveConfig, path: Path) -> list[Encoded]:
+    """The training prompts with the parent's greedy answers, generated once into `path` (a
+    killed run continues from its last finished batch), each as one all-token sequence."""
+    from distillqa.generate import generate_predictions
+
+    builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.heal.max_length)
+    examples = load_splits(cfg.data)[0]["train"]
+    gen = GenerationConfig(max_new_tokens=cfg.heal.answer_tokens, batch_size=16)
+    generate_predictions(parent, tok, builder, examples, gen, path, desc="parent answers")
+    answers = {row["id"]: row["prediction"] for _, row in iter_json_lines(path)}
+    corpus = _all_tokens([builder.encode_train(ex, answers[ex.id]) for ex in examples if answers[ex.id]])
+    if not corpus:
+        raise DataError(str(path), None, None, "the parent answered none of the training prompts")
+    return corpus
 
 
 def zero_shot_rouge(model, tok, data: DataConfig, prompt: PromptConfig, count: int) -> dict:
