@@ -155,6 +155,21 @@ def test_cma_attention_is_masked_to_answer_positions(tiny_model, tiny_other_voca
     assert teacher.model.layers[0].mlp.up_proj.weight.grad is None
 
 
+def test_cma_alignment_puts_no_gradient_into_the_student(tiny_model, tiny_other_vocab_model):
+    """The attention scores come from the student's token embeddings detached (as in the DSKD reference): with full
+    fine-tuning they train the query projector only, never the student's embeddings or its tied head."""
+    teacher, student = load_model(tiny_other_vocab_model), load_model(tiny_model).requires_grad_(True)
+    tok_t, tok_s = load_tokenizer(tiny_other_vocab_model), load_tokenizer(tiny_model)
+    exs = load_examples("bundled:telecom-sample")[0][:3]
+    items = [(PromptBuilder(tok_s, max_length=160).encode_train(e), PromptBuilder(tok_t, max_length=160).encode_train(e)) for e in exs]
+    cma = DSKDCrossModelAttention(teacher, student, ForwardKL(), 0.5, None)
+    scores, *_ = cma.align(student, collate_pairs(items, tok_s.pad_token_id, tok_t.pad_token_id))
+    mask = scores > torch.finfo(scores.dtype).min
+    assert student.get_input_embeddings().weight is student.get_output_embeddings().weight  # tied, as in SmolLM2
+    grads = torch.autograd.grad(scores[mask].sum(), [cma.query.weight, *student.parameters()], allow_unused=True)
+    assert grads[0].abs().sum() > 0 and all(g is None for g in grads[1:])
+
+
 @pytest.mark.parametrize("algorithm", ["vanilla", "dskd", "dskd-cma", "uld"])
 def test_chunked_and_unchunked_objectives_agree(tiny_model, tiny_other_vocab_model, algorithm):
     from distillqa.config import KDConfig

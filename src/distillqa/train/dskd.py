@@ -8,6 +8,11 @@ answer tokens: loss = (1 - r) * CE(student) + r * (CE_t2s + KD_t2s + KD_s2t).
   t2s side detached, teaches the student (for CMA only where argmax t2s_logits = y);
 - student space -> teacher space: s2t_logits = teacher_head(s2t(h_S)); KD_s2t =
   KL(teacher || s2t_logits) teaches the student through the frozen teacher head.
+
+Precision: the projectors keep fp32 weights whatever the models' dtype (like peft's LoRA adapters,
+so that small AdamW updates are not rounded away in bf16); their inputs are cast to fp32, and their
+outputs to the dtype of the head they go through (`project_to_vocab`, `student_space_logits`), so a
+bf16 teacher, a bf16 student or both work. Logits and losses are fp32.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ def hidden_size(model: nn.Module) -> int:
 def student_space_logits(student: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Project hidden states through the student head with the head detached (only the input trains)."""
     _, head, _ = causal_lm_parts(student)
-    return F.linear(hidden, head.weight.detach()).float()
+    return F.linear(hidden.to(head.weight.dtype), head.weight.detach()).float()
+
+
+class Projector(nn.Linear):
+    """A trained linear map between two models' spaces: fp32 weights, inputs of any dtype cast to fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
 
 
 class DSKD(FrozenTeacher):
@@ -41,7 +53,7 @@ class DSKD(FrozenTeacher):
     def __init__(self, teacher, student, divergence: Divergence, kd_rate: float, chunk: int | None):
         super().__init__(teacher)
         d_t, d_s = hidden_size(teacher), hidden_size(student)
-        self.t2s, self.s2t = nn.Linear(d_t, d_s), nn.Linear(d_s, d_t)
+        self.t2s, self.s2t = Projector(d_t, d_s), Projector(d_s, d_t)
         self.divergence, self.kd_rate, self.chunk = divergence, kd_rate, chunk
         self.teacher_kl = ForwardKL(divergence.temperature)
 
@@ -85,7 +97,9 @@ class DSKDCrossModelAttention(FrozenTeacher):
     """DSKD with cross-model attention for teachers with a different tokenizer.
 
     Each model tokenises the same text itself. Queries are the student's [input ; target]
-    token embeddings (projected to the teacher's width), keys the teacher's; attention runs
+    token embeddings (detached, as in the DSKD reference: the alignment trains the query
+    projector, never the student's embeddings or its tied head), projected to the teacher's
+    width; keys the teacher's; attention runs
     only between answer positions (padding and prompt are masked on both sides) and aligns the
     two token sequences. Values: t2s(normalised teacher state + target embedding) for the
     teacher -> student direction, s2t(student state) for the reverse (transposed attention).
@@ -94,8 +108,8 @@ class DSKDCrossModelAttention(FrozenTeacher):
     def __init__(self, teacher, student, divergence: Divergence, kd_rate: float, chunk: int | None):
         super().__init__(teacher)
         d_t, d_s = hidden_size(teacher), hidden_size(student)
-        self.query = nn.Linear(2 * d_s, 2 * d_t)
-        self.t2s, self.s2t = nn.Linear(d_t, d_s), nn.Linear(d_s, d_t)
+        self.query = Projector(2 * d_s, 2 * d_t)
+        self.t2s, self.s2t = Projector(d_t, d_s), Projector(d_s, d_t)
         self.divergence, self.kd_rate, self.chunk = divergence, kd_rate, chunk
         self.teacher_kl = ForwardKL(divergence.temperature)
 
@@ -104,10 +118,11 @@ class DSKDCrossModelAttention(FrozenTeacher):
         h_s, valid_s, _ = aligned_answer_states(student, batch)
         with torch.no_grad():
             h_t, valid_t, _ = aligned_answer_states(self.teacher, batch, "teacher_")
-            input_t, target_t = _answer_token_embeddings(self.teacher, batch, "teacher_")
+            input_t, target_t = (e.float() for e in _answer_token_embeddings(self.teacher, batch, "teacher_"))
             keys = _std_normalise(torch.cat([input_t, target_t], dim=-1), valid_t)
-            values_t = _std_normalise(h_t, valid_t) + _std_normalise(target_t, valid_t)
-        queries = self.query(torch.cat(_answer_token_embeddings(student, batch), dim=-1))
+            values_t = _std_normalise(h_t.float(), valid_t) + _std_normalise(target_t, valid_t)
+            student_embeddings = torch.cat(_answer_token_embeddings(student, batch), dim=-1)
+        queries = self.query(student_embeddings)
         scores = queries @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
         mask = valid_s[:, :, None] & valid_t[:, None, :]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

@@ -36,8 +36,10 @@ def answer_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
 
 
 def project_to_vocab(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of `hidden` through the model's head; `hidden` may come in another dtype (an fp32 projector's output
+    into a bf16 model), and is cast to the head's."""
     _, head, softcap = causal_lm_parts(model)
-    logits = head(hidden)
+    logits = head(hidden.to(head.weight.dtype))
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.float()
