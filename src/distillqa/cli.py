@@ -192,6 +192,78 @@ def rationales_import(source: str = typer.Argument(..., help="Teacher outputs (L
     typer.echo(f"wrote {len(rows)} rows to {out}")
 
 
+study_app = typer.Typer(no_args_is_help=True, help="A human study of explanation quality: create, serve to raters, analyze.")
+app.add_typer(study_app, name="study")
+
+
+def _study_extra(module: str) -> None:
+    """The study's web and statistics packages are an extra, so the core install stays lean."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        typer.secho(f"error: this command needs the 'study' extra ({module} is not installed): pip install -e '.[study]'",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+
+@study_app.command("create")
+def study_create(sources: list[str] = typer.Argument(..., help="Rationale experiment directories, answers/CELL directories, "
+                                                   "study.jsonl files, or NAME=PATH to name a condition."),
+                 out: str = typer.Option(..., "--out", help="The new study directory."),
+                 items_per_condition: int = typer.Option(20, help="Explanations sampled per condition."),
+                 target_ratings: int = typer.Option(3, help="Ratings wanted per explanation."),
+                 items_per_rater: int = typer.Option(12, help="Explanations each rater rates (besides the attention checks)."),
+                 attention_checks: int = typer.Option(2, help="Instructed-response attention checks per rater (2 to 4)."),
+                 exclude_if_failed_checks: int = typer.Option(1, help="Exclude a rater who fails this many checks."),
+                 timeout_minutes: float = typer.Option(45.0, help="Give a rater's pending items to others after this idle time."),
+                 completion_code: Optional[str] = typer.Option(None, help="The code finishers get (default: random)."),
+                 tokens: int = typer.Option(0, help="Also write N per-rater token links to links.txt."),
+                 seed: int = typer.Option(0, help="Sampling and assignment seed."),
+                 admin_password_file: Optional[str] = typer.Option(
+                     None, help="File holding the admin password (else $DISTILLQA_STUDY_PASSWORD, else a prompt)."),
+                 overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous study create output with no ratings.")) -> None:
+    """Build a blinded rating study from the explanations (study.jsonl) of one or more runs."""
+    from distillqa.errors import ConfigError
+    from distillqa.io import check_output
+    from distillqa.study.design import StudyOptions, create_study
+
+    def password() -> str:
+        if admin_password_file:
+            return open(admin_password_file, encoding="utf-8").read().strip()
+        if os.environ.get("DISTILLQA_STUDY_PASSWORD"):
+            return os.environ["DISTILLQA_STUDY_PASSWORD"]
+        if not sys.stdin.isatty():
+            raise ConfigError("admin password: give --admin-password-file or set DISTILLQA_STUDY_PASSWORD")
+        return typer.prompt("admin password", hide_input=True, confirmation_prompt=True)
+
+    opts = StudyOptions(items_per_condition, target_ratings, items_per_rater, attention_checks, exclude_if_failed_checks,
+                        timeout_minutes, seed, completion_code, tokens)
+    _guard(lambda: check_output(out, "study create", overwrite))
+    secret = _guard(password)
+    summary = {}
+    _guard(lambda: _into(out, "study create", overwrite, lambda tmp: summary.update(create_study(sources, tmp, secret, opts))))
+    conditions = ", ".join(f"{code} = {name}" for code, name in summary["conditions"].items())
+    typer.echo(f"wrote {out}: {summary['items']} items in {len(summary['conditions'])} conditions ({conditions}); "
+               f"{summary['raters_needed']} raters needed; completion code {summary['completion_code']}"
+               + (f"; {summary['dropped_empty']} rows with an empty explanation left out" if summary["dropped_empty"] else ""))
+
+
+@study_app.command("serve")
+def study_serve(study_dir: str = typer.Argument(..., help="A study directory from `distillqa study create`."),
+                host: str = typer.Option("127.0.0.1", help="Address to listen on (behind a TLS proxy for real raters)."),
+                port: int = typer.Option(8080, help="Port to listen on."),
+                rate: float = typer.Option(5.0, help="Requests a second allowed per rater session (on average)."),
+                burst: float = typer.Option(60.0, help="Requests a rater session may make at once.")) -> None:
+    """Serve the rater web app and its admin page (/admin)."""
+    _study_extra("fastapi")
+    from distillqa.study.app import serve_study
+    from distillqa.study.design import Study
+
+    study = _guard(lambda: Study.load(study_dir))
+    typer.echo(f"serving {study.design['title']} at http://{host}:{port}/ (admin: /admin; Ctrl-C to stop)")
+    _guard(lambda: serve_study(study_dir, host, port, rate, burst))
+
+
 @app.command()
 def demo(set_: Optional[list[str]] = SetOpt) -> None:
     """The main job on the embedded default: the `quick` experiment grid into runs/demo, with its report."""
