@@ -280,9 +280,9 @@ def to_markdown(doc: list[tuple]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def to_html(doc: list[tuple], exp: Path) -> str:
+def to_html(doc: list[tuple], exp: Path, title: str = "distillqa experiment report") -> str:
     esc = html.escape
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>distillqa experiment report</title><style>"
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
            "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
            "th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd}pre{background:#f6f6f6;padding:1em}"
