@@ -264,6 +264,15 @@ def study_serve(study_dir: str = typer.Argument(..., help="A study directory fro
     _guard(lambda: serve_study(study_dir, host, port, rate, burst))
 
 
+@study_app.command("analyze")
+def study_analyze(study_dir: str = typer.Argument(..., help="A study directory with ratings.")) -> None:
+    """Kruskal-Wallis, Dunn, Vargha-Delaney A, OLS, Krippendorff's alpha, a mixed model; report.md and report.html."""
+    _study_extra("scikit_posthocs")
+    from distillqa.study.report import write_study_report
+
+    typer.echo(f"wrote {_guard(lambda: write_study_report(study_dir))}")
+
+
 @app.command()
 def demo(set_: Optional[list[str]] = SetOpt) -> None:
     """The main job on the embedded default: the `quick` experiment grid into runs/demo, with its report."""

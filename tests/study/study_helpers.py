@@ -32,7 +32,7 @@ def write_rationale_experiment(root: Path, questions: int = 30, explanation=None
     for cell in CELLS:
         rows = [{"id": f"q{k}", "question": f"Where would you put item number {k}?", "choices": ["in a box", "on a shelf", "in a bag"],
                  "gold": "on a shelf", "predicted": "on a shelf" if k % 3 else None,
-                 "explanation": explanation(cell, k) if explanation else f"Explanation {k}: shelves hold things."}
+                 "explanation": explanation(cell, k) if explanation else f"Explanation {k}: shelves hold things{' of many kinds' * (k % 4)}."}
                 for k in range(questions)]
         (root / "answers" / cell).mkdir(parents=True)
         (root / "answers" / cell / "study.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -126,3 +126,29 @@ def complete_journey(client: Client, pid: str, scores: dict[str, int] | None = N
         status, page = answer_item(client, page, scores)
     assert status == 200 and client.url.endswith("/done"), (status, client.url, page[:300])
     return page
+
+
+def simulate_raters(store, effects: dict[str, float], raters: int, careless: int = 0, seed: int = 0) -> None:
+    """Raters answering through the store, as the app would record them: each rating is
+    3 + the condition's effect (by condition name) + the rater's leniency + the item's difficulty + noise,
+    rounded and clipped to 1-5, every scale with its own noise; attention checks answered as asked.
+    `careless` more raters answer 3 everywhere (failing every check), first, so their slots reopen."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    study = store.study
+    difficulty = {item: rng.normal(0, 0.3) for item in study.items}
+    for k in range(careless + raters):
+        rid = store.rater(f"token:sim{k}")["id"]
+        leniency = rng.normal(0, 0.4)
+        store.assign(rid)
+        while not (nxt := store.next_for(rid)).done and not nxt.full:
+            item = nxt.item
+            if k < careless:
+                scores = {s: 3 for s in study.design["scales"]}
+            elif item["id"] in study.checks:
+                scores = {s: int(rng.integers(1, 6)) for s in study.design["scales"]} | {item["scale"]: item["value"]}
+            else:
+                mean = 3 + effects.get(study.conditions[item["condition"]]["name"], 0.0) + leniency + difficulty[item["id"]]
+                scores = {s: int(np.clip(np.rint(mean + rng.normal(0, 0.7)), 1, 5)) for s in study.design["scales"]}
+            store.record(rid, nxt.assignment_id, scores, "")
