@@ -140,8 +140,8 @@ def sample_items(conditions: dict[str, list[dict]], n: int, rng: random.Random) 
             by_id.setdefault(r["id"], []).append(r)
         order = shared + sorted(set(by_id) - set(shared), key=lambda _: rng.random())
         if len(order) < n:
-            raise ConfigError(f"items-per-condition: condition '{cond}' has only {len(order)} questions with an "
-                              f"explanation, fewer than {n}")
+            raise ConfigError(f"items-per-condition: condition '{cond}' has {len(order)} question(s) with an "
+                              f"explanation; {n} are needed")
         picked[cond] = [rng.choice(by_id[q]) for q in order[:n]]
     return picked
 
