@@ -7,6 +7,11 @@ import csv
 import io
 import json
 import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections import Counter
 
 from study_helpers import PASSWORD, Client, answer_item, complete_journey, field, live_server, make_study
@@ -211,3 +216,27 @@ def test_whole_journey_over_http_and_resume(tmp_path):
         assert status == 401 and study.design["completion_code"] not in page
         fresh = Client(base)  # the same link in another browser: resumed at the end, code shown again
         assert fresh.get("/?PROLIFIC_PID=p1")[0] == 200 and fresh.url.endswith("/done")
+
+
+def test_serve_command_serves_the_study(tmp_path):
+    """The README's `distillqa study serve` as a process on a loopback port: the landing page answers."""
+    study = make_study(tmp_path, questions=4, items_per_condition=2, items_per_rater=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "distillqa.cli", "study", "serve", str(study.path), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    page = resp.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() is not None else "timeout"
+                time.sleep(0.2)
+        assert "Open this study from the link you were given" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -174,7 +174,7 @@ def create_app(study: Study, store: Store | None = None, rate: float = 5.0, burs
         rater = await run_in_threadpool(rater_of, request)
         if data.get("agree") != "yes":
             return page("message.html", request, heading="Thank you",
-                        message="You did not agree to take part, so nothing was recorded. You may close this page.")
+                        message="You did not agree to take part, so you will not be asked to rate anything. You may close this page.")
         await run_in_threadpool(store.consent, rater["id"])
         return go("/instructions", request)
 
