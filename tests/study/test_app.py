@@ -240,3 +240,15 @@ def test_serve_command_serves_the_study(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_oversized_and_lengthless_posts_are_refused(tmp_path):
+    study = make_study(tmp_path, questions=4, items_per_condition=2, items_per_rater=3)
+    with live_server(create_app(study)) as base:
+        client = Client(base)
+        _, page = client.get("/?PROLIFIC_PID=p1")
+        status, _ = client.post("/consent", {"csrf": field(page, "csrf"), "agree": "yes", "comment": "x" * 20_000})
+        assert status == 413
+        with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as conn:
+            conn.sendall(b"POST /consent HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nagree\r\n0\r\n\r\n")
+            assert conn.recv(100).startswith(b"HTTP/1.1 411")

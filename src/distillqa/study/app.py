@@ -97,9 +97,9 @@ def create_app(study: Study, store: Store | None = None, rate: float = 5.0, burs
         if not limiter.allow(value if not request.state.new_cookie else f"ip:{client}"):
             response = HTMLResponse("Too many requests; wait a moment and reload.", status_code=429,
                                     headers={"Retry-After": str(limiter.retry_after())})
-        elif request.method == "POST" and "content-length" not in request.headers:
+        elif request.method == "POST" and not request.headers.get("content-length", "").isdigit():
             response = HTMLResponse("A length is required.", status_code=411)
-        elif request.method == "POST" and int(request.headers["content-length"] or 0) > MAX_BODY:
+        elif request.method == "POST" and int(request.headers["content-length"]) > MAX_BODY:
             response = HTMLResponse("The form is too large.", status_code=413)
         else:
             response = await call_next(request)
