@@ -65,3 +65,15 @@ def test_vargha_delaney_a_by_hand():
     assert vargha_delaney([2, 2], [2, 2]) == 0.5
     assert vargha_delaney([1, 3], [2]) == 0.5  # one pair higher, one lower
     assert vargha_delaney([2, 3], [2, 1]) == pytest.approx((1 + 0.5 + 1 + 1) / 4)
+
+
+def test_identical_ratings_give_no_difference():
+    import pandas as pd
+
+    from distillqa.study.analysis import analyze_ratings
+
+    rows = [{"rater": f"r{k % 4}", "item": f"i{k}", "condition": "AB"[k % 2], "s": 3, "quality": 3.0, "length_words": 5 + k % 3}
+            for k in range(16)]
+    res = analyze_ratings(pd.DataFrame(rows), ["s"])
+    assert all(t["h"] == 0 and t["p"] == 1 and not t["significant"] for t in res["rank_tests"])
+    assert all(p["vargha_delaney_a"] == 0.5 and p["p_bonferroni"] == 1 for t in res["rank_tests"] for p in t["pairs"])

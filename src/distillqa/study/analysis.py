@@ -58,17 +58,17 @@ def rank_tests(df, outcomes: list[str], conditions: list[str]) -> list[dict]:
     for outcome in outcomes:
         groups = [df.loc[df["condition"] == c, outcome].to_numpy() for c in conditions]
         if len(np.unique(df[outcome])) == 1:  # every rating equal: nothing differs (scipy refuses this case)
-            h, p = 0.0, 1.0
+            h, p, dunn = 0.0, 1.0, None
         else:
             h, p = (float(v) for v in stats.kruskal(*groups))
-        dunn = sp.posthoc_dunn(df, val_col=outcome, group_col="condition", p_adjust="bonferroni")
+            dunn = sp.posthoc_dunn(df, val_col=outcome, group_col="condition", p_adjust="bonferroni")
         pairs = []
         for i, a in enumerate(conditions):
             for b in conditions[i + 1:]:
                 x, y = df.loc[df["condition"] == a, outcome], df.loc[df["condition"] == b, outcome]
                 va = vargha_delaney(x, y)
                 pairs.append({"a": a, "b": b, "mean_a": float(x.mean()), "mean_b": float(y.mean()),
-                              "p_bonferroni": float(dunn.loc[a, b]) if h else 1.0, "vargha_delaney_a": va,
+                              "p_bonferroni": float(dunn.loc[a, b]) if dunn is not None else 1.0, "vargha_delaney_a": va,
                               "magnitude": a_magnitude(va)})
         n = len(df)
         results.append({"outcome": outcome, "h": h, "df": len(conditions) - 1, "p": p,
