@@ -48,7 +48,8 @@ class DataConfig(Section):
     split_fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="Train/validation/test fractions, grouped by context.")
     split_seed: int = Field(0, description="Seed of the split.")
     max_train_examples: int | None = Field(None, ge=1, description="Use at most this many training examples (first by id order of the split).")
-    max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many validation/test examples.")
+    max_eval_examples: int | None = Field(None, ge=1, description="Use at most this many validation/test examples "
+                                          "(or, with split `all`, the first this many of the file).")
 
     @field_validator("split_fractions")
     @classmethod
@@ -56,7 +57,7 @@ class DataConfig(Section):
         if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError("must be three non-negative numbers that sum to 1")
         if v[0] == 0:
-            raise ValueError("the training fraction must be positive")
+            raise ValueError("the training fraction must be positive (to answer every question of a file, use split=all)")
         return v
 
 
@@ -115,6 +116,18 @@ class GenerationConfig(Section):
     seed: int = Field(0, description="Sampling seed.")
 
 
+class MCQConfig(Section):
+    """How multiple-choice questions (examples with `choices`) are asked and scored; others are unaffected."""
+
+    method: Literal["generate", "loglikelihood"] = Field(
+        "generate", description="`generate`: the model writes an answer (metric choice_accuracy maps it to a choice); "
+        "`loglikelihood`: nothing is generated, each choice's log-likelihood after the prompt is recorded "
+        "(metrics acc, acc_norm), as lm-evaluation-harness scores multiple choice.")
+    options: Literal["inline", "lettered", "hidden"] = Field(
+        "inline", description="How the prompt shows the choices: `inline` (`Choices: a; b; c`), `lettered` (one per "
+        "line, `A. a`; loglikelihood then scores the letters) or `hidden` (a cloze question; loglikelihood scores the texts).")
+
+
 class SFTConfig(Section):
     """`distillqa sft`: supervised fine-tuning on answer tokens."""
 
@@ -133,7 +146,9 @@ class GenerateConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    split: Literal["train", "validation", "test"] = Field("test", description="Which split to answer.")
+    split: Literal["train", "validation", "test", "all"] = Field(
+        "test", description="Which split to answer; `all`: every question of the file, in file order (a test-only file).")
+    mcq: MCQConfig = Field(default_factory=MCQConfig)
     output_dir: str = Field("runs/generate", description="Directory for predictions.jsonl.")
 
 
@@ -502,6 +517,16 @@ def validate_config(schema: type[C], raw: dict, source: str = "config") -> C:
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def upgraded(schema: type[BaseModel], raw: Any) -> Any:
+    """A config an earlier version wrote, read with today's schema: keys added since take their
+    defaults, so a new option does not make an old run look changed. Kept as it is when today's
+    schema rejects it (a key removed since), so the comparison shows what differs."""
+    try:
+        return schema.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return raw
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {

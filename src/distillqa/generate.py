@@ -1,4 +1,6 @@
-"""Batched, KV-cached generation that writes predictions.jsonl (id, prompt, prediction, references).
+"""Batched, KV-cached generation that writes predictions.jsonl (id, prompt, prediction, references;
+`choices` for multiple choice), or, for multiple choice without generation, each choice's
+log-likelihood after the prompt (`mcq.method: loglikelihood`).
 
 Prompts are sorted by length and left-padded. Finished batches are appended to
 `predictions.partial.jsonl`, so a killed run continues where it stopped and never generates
@@ -11,13 +13,14 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from distillqa.config import GenerateConfig, GenerationConfig, dump_config
+from distillqa.config import GenerateConfig, GenerationConfig, dump_config, upgraded
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_left
 from distillqa.data.records import QAExample
-from distillqa.errors import DataError, RunDirError
+from distillqa.errors import ConfigError, DataError, RunDirError
 from distillqa.io import append_jsonl, is_empty, read_partial_jsonl, write_jsonl, write_text
 from distillqa.models.lora import is_encoder_decoder
 from distillqa.models.registry import load_model, load_tokenizer
@@ -64,6 +67,49 @@ def generate_batch(model, tok, prompts: list[list[int]], cfg: GenerationConfig, 
 def generate_predictions(
     model, tok, builder: PromptBuilder, examples: list[QAExample], cfg: GenerationConfig, out_path: str | Path, desc: str = "generate"
 ) -> Path:
+    """Generated answers, `cfg.batch_size` prompts a batch (resumable; see `answer_in_batches`)."""
+    prompts = {ex.id: builder.encode_prompt(ex, cfg.max_new_tokens) for ex in examples}
+
+    def answer(chunk, index):
+        texts = generate_batch(model, tok, [prompts[ex.id] for ex in chunk], cfg, seed=cfg.seed + index * cfg.batch_size)
+        return [{"prediction": text} for text in texts]
+
+    return answer_in_batches(examples, prompts, cfg.batch_size, answer, tok, builder.max_length, out_path, desc)
+
+
+def loglikelihood_predictions(model, tok, builder: PromptBuilder, examples: list[QAExample], batch_size: int,
+                              out_path: str | Path) -> Path:
+    """Multiple choice without generation: each row gets every choice's log-likelihood after the
+    prompt (`choice_logprobs`, summed over the choice's tokens), the length in characters of the
+    text scored (`choice_lengths`) and, as its prediction, the most likely choice."""
+    from distillqa.loglik import sequence_logprobs
+
+    continuations = {ex.id: [builder.continuation_ids(c) for c in builder.scored_choices(ex)] for ex in examples}
+    # The prompt leaves room for the longest choice, as generation leaves room for its new tokens.
+    prompts = {ex.id: builder.fit_prompt(ex, builder.max_length - max(map(len, continuations[ex.id])), anchor=None)
+               for ex in examples}
+
+    def answer(chunk, index):
+        pairs = [(prompts[ex.id], c) for ex in chunk for c in continuations[ex.id]]
+        logprobs = iter(sequence_logprobs(model, pairs, tok.pad_token_id))
+        rows = []
+        for ex in chunk:
+            scores = [next(logprobs) for _ in ex.choices]
+            best = max(range(len(scores)), key=scores.__getitem__)
+            rows.append({"prediction": ex.choices[best], "choice_logprobs": scores,
+                         "choice_lengths": [len(c) for c in builder.scored_choices(ex)]})
+        return rows
+
+    return answer_in_batches(examples, prompts, batch_size, answer, tok, builder.max_length, out_path, "log-likelihoods")
+
+
+def answer_in_batches(examples: list[QAExample], prompts: dict[str, list[int] | None], batch_size: int, answer,
+                      tok, max_length: int, out_path: str | Path, desc: str) -> Path:
+    """Write predictions.jsonl from `answer(chunk, batch index) -> [row fields]`, batch by batch.
+
+    Finished batches are appended to `predictions.partial.jsonl`, so a killed run continues where
+    it stopped and never answers a question twice; a prompt that is None (it did not fit) gets an
+    empty prediction marked skipped."""
     out_path = Path(out_path)
     if out_path.is_file():
         return out_path
@@ -73,28 +119,23 @@ def generate_predictions(
     write_jsonl(partial, done_rows)  # drops a torn last line before appending again
     done = {r["id"] for r in done_rows}
 
-    todo, skipped = [], []
-    for ex in examples:
-        ids = builder.encode_prompt(ex, cfg.max_new_tokens)
-        if ids is None:
-            skipped.append(ex)
-        else:
-            todo.append((ex, ids))
+    todo = [ex for ex in examples if prompts[ex.id] is not None]
+    skipped = [ex for ex in examples if prompts[ex.id] is None]
     # A prompt that cannot fit even without its context still gets a row: an empty prediction,
     # marked skipped, which evaluate counts as missing rather than scoring it.
     if skipped:
         log.warning("%d of %d questions do not fit prompt.max_length (%d tokens) even without their context; they get no "
-                    "answer and are counted as missing by evaluate", len(skipped), len(examples), builder.max_length)
-    append_jsonl(partial, [_row(ex, "", None, tok, SKIPPED) for ex in skipped if ex.id not in done])
+                    "answer and are counted as missing by evaluate", len(skipped), len(examples), max_length)
+    append_jsonl(partial, [_row(ex, {"prediction": ""}, None, tok, SKIPPED) for ex in skipped if ex.id not in done])
     # Batches are fixed before anything is skipped: a resumed run pads every prompt exactly as an
-    # uninterrupted run would, so its answers are the same; finished batches are not generated again.
-    todo.sort(key=lambda item: (-len(item[1]), item[0].id))
-    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    # uninterrupted run would, so its answers are the same; finished batches are not answered again.
+    todo.sort(key=lambda ex: (-len(prompts[ex.id]), ex.id))
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for index, chunk in enumerate(tqdm(batches, desc=desc, unit="batch")):
-        if all(ex.id in done for ex, _ in chunk):
+        if all(ex.id in done for ex in chunk):
             continue
-        texts = generate_batch(model, tok, [ids for _, ids in chunk], cfg, seed=cfg.seed + index * cfg.batch_size)
-        append_jsonl(partial, [_row(ex, text, ids, tok) for (ex, ids), text in zip(chunk, texts) if ex.id not in done])
+        fields = answer(chunk, index)
+        append_jsonl(partial, [_row(ex, f, prompts[ex.id], tok) for ex, f in zip(chunk, fields) if ex.id not in done])
 
     rows = {r["id"]: r for r in read_partial_jsonl(partial)}
     write_jsonl(out_path, [rows[ex.id] for ex in examples])
@@ -105,17 +146,29 @@ def generate_predictions(
 SKIPPED = "prompt too long for prompt.max_length"
 
 
-def _row(ex: QAExample, prediction: str, ids: list[int] | None, tok, note: str | None = None) -> dict:
+def _row(ex: QAExample, answer: dict, ids: list[int] | None, tok, note: str | None = None) -> dict:
     """One predictions.jsonl row; `prompt` is the text the model saw (context truncated as it was)."""
     prompt = tok.decode(ids) if ids is not None else ""
-    row = {"id": ex.id, "question": ex.question, "prompt": prompt, "prediction": prediction, "references": list(ex.answers)}
+    row = {"id": ex.id, "question": ex.question, "prompt": prompt, "prediction": answer["prediction"],
+           "references": list(ex.answers)}
     if ex.context:
         row["context"] = ex.context
+    if ex.choices:
+        row["choices"] = list(ex.choices)
+    row.update((k, v) for k, v in answer.items() if k != "prediction")
     if note:
         row["note"] = note
     if note == SKIPPED:
         row["skipped"] = True
     return row
+
+
+def _previous_config(path: Path):
+    """The config a previous run here wrote, with options added since at their defaults (None if damaged)."""
+    try:
+        return upgraded(GenerateConfig, yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
 
 
 def run_generate(cfg: GenerateConfig) -> Path:
@@ -134,19 +187,27 @@ def run_generate(cfg: GenerateConfig) -> Path:
         raise RunDirError(f"output_dir {out_dir} exists, is not empty and holds no distillqa generate output "
                           "(generate_config.yaml); choose another output_dir")
     made = (predictions.is_file() or bool(read_partial_jsonl(partial))) if config_path.is_file() else False
-    if made and config_path.read_text(encoding="utf-8") != dump_config(cfg):
+    if made and _previous_config(config_path) != cfg.model_dump(mode="json"):
         raise RunDirError(f"{out_dir} holds predictions made with a different config; choose another output_dir or delete it")
     splits, _ = load_splits(cfg.data)
     examples = splits[cfg.split]
     if not examples:
-        sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
+        sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items() if name != "all")
         raise DataError(cfg.data.source, None, None, f"the {cfg.split} split is empty ({sizes} examples); "
-                        "use more data or change data.split_fractions")
+                        "use more data, change data.split_fractions or answer the whole file with split=all")
+    loglikelihood = cfg.mcq.method == "loglikelihood"
+    if loglikelihood and (few := [ex.id for ex in examples if len(ex.choices) < 2]):
+        raise DataError(cfg.data.source, f"id '{few[0]}'", "choices", "mcq.method=loglikelihood needs at least two "
+                        f"choices per question ({len(few)} of {len(examples)} questions have fewer)")
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     model = load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code)
+    if loglikelihood and is_encoder_decoder(model):
+        raise ConfigError("mcq.method=loglikelihood needs a causal LM; this model is an encoder-decoder")
     if torch.cuda.is_available():
         model.to("cuda")
-    builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length)
+    builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length, options=cfg.mcq.options)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(config_path, dump_config(cfg))
+    if loglikelihood:
+        return loglikelihood_predictions(model, tok, builder, examples, cfg.generation.batch_size, predictions)
     return generate_predictions(model, tok, builder, examples, cfg.generation, predictions)

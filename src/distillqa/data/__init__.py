@@ -14,6 +14,9 @@ _loaded: dict[tuple, tuple[dict[str, list[QAExample]], LoadReport]] = {}
 def load_splits(cfg) -> tuple[dict[str, list[QAExample]], LoadReport]:
     """Load and split the data a `DataConfig` describes, applying its example limits.
 
+    Besides `train`, `validation` and `test`, the split `all` is every example in file order (a
+    file meant only for testing, such as a benchmark, is answered whole).
+
     Repeated calls with the same config and an unchanged file return the first call's examples
     (QAExample is frozen; the lists are fresh copies)."""
     key = (cfg.model_dump_json(), _file_identity(cfg.source))
@@ -49,9 +52,10 @@ def _load_splits(cfg) -> tuple[dict[str, list[QAExample]], LoadReport]:
         left_out = f" ({report.summary()})" if report.skipped else ""
         raise DataError(cfg.source, None, None, f"no usable examples in the file{left_out}")
     splits = split_examples(examples, tuple(cfg.split_fractions), cfg.split_seed)
+    splits["all"] = examples
     if cfg.max_train_examples:
         splits["train"] = splits["train"][: cfg.max_train_examples]
     if cfg.max_eval_examples:
-        for name in ("validation", "test"):
+        for name in ("validation", "test", "all"):
             splits[name] = splits[name][: cfg.max_eval_examples]
     return splits, report

@@ -17,6 +17,8 @@ Truncation (only the context is ever shortened, never the question or the answer
   answer does not occur in it), as large as fits;
 - inference: keep the start of the context, leaving room for `max_new_tokens`;
 - an example that does not fit even with an empty context is skipped and counted.
+Multiple-choice questions show their choices `inline` ("Choices: a; b; c", the default),
+`lettered` (one per line, "A. a") or not at all (`hidden`, a cloze question).
 Labels are -100 on every prompt token, so the training loss covers answer tokens (and the
 closing end-of-sequence token) only.
 """
@@ -31,6 +33,7 @@ from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError
 
 IGNORE = -100
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass
@@ -42,8 +45,9 @@ class Encoded:
 
 class PromptBuilder:
     def __init__(self, tokenizer, template: str = "auto", instruction: str = "", max_length: int = 512,
-                 separate_output: bool = False):
+                 separate_output: bool = False, options: str = "inline"):
         self.tok = tokenizer
+        self.options = options  # how choices are shown: "inline", "lettered" or "hidden" (see OPTIONS)
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
             raise ConfigError("prompt.template: 'chat', but the model's tokenizer has no chat template; use 'auto' or 'plain'")
@@ -61,9 +65,16 @@ class PromptBuilder:
         if context:
             parts.append(f"Context: {context}")
         parts.append(f"Question: {ex.question}")
-        if ex.choices:
+        if ex.choices and self.options == "inline":
             parts.append("Choices: " + "; ".join(ex.choices))
+        elif ex.choices and self.options == "lettered":
+            parts.append("\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, ex.choices)))
         return "\n\n".join(parts)
+
+    def scored_choices(self, ex: QAExample) -> list[str]:
+        """What log-likelihood scoring scores after the prompt: the letters when the prompt shows
+        lettered options (as lm-evaluation-harness does for MMLU), else the choice texts."""
+        return list(LETTERS[: len(ex.choices)]) if self.options == "lettered" else list(ex.choices)
 
     def prompt_text(self, ex: QAExample, context: str) -> str:
         user = self.user_text(ex, context)
@@ -75,9 +86,14 @@ class PromptBuilder:
         # Chat templates write their own special tokens; the plain template gets the usual BOS.
         return self.tok(self.prompt_text(ex, context), add_special_tokens=not self.chat)["input_ids"]
 
-    def answer_ids(self, answer: str) -> list[int]:
+    def continuation_ids(self, answer: str) -> list[int]:
+        """The answer's tokens as they follow the prompt (after "Answer:" with a space; a chat
+        template's assistant turn without one), without the end-of-sequence token."""
         text = answer.strip() if self.chat else " " + answer.strip()
-        return self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.continuation_ids(answer) + [self.tok.eos_token_id]
 
     def fit_prompt(self, ex: QAExample, budget: int, anchor: str | None) -> list[int] | None:
         """Prompt ids within `budget` tokens, shortening the context around `anchor` if needed."""

@@ -54,10 +54,43 @@ def read_predictions(path: Path) -> list[dict]:
                 raise DataError(str(path), where, "references", "must be a non-empty list of non-empty strings")
             if row.get("skipped") is not None and not isinstance(row["skipped"], bool):
                 raise DataError(str(path), where, "skipped", "must be true or false")
+            _check_choice_fields(row, path, where)
             rows.append(row)
     if not rows:
         raise DataError(str(path), None, None, "the file is empty: no predictions to score")
     return rows
+
+
+def _check_choice_fields(row: dict, path: Path, where: str) -> None:
+    """Multiple-choice fields, where present: the choices, and one number per choice."""
+    if "choices" not in row:
+        return
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise DataError(str(path), where, "choices", "must be a list of at least two strings")
+    for key in ("choice_logprobs", "choice_lengths"):
+        values = row.get(key)
+        numbers = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if key in row and not (numbers and len(values) == len(choices)):
+            raise DataError(str(path), where, key, f"must be a list of {len(choices)} numbers, one per choice")
+
+
+NEEDS_HINT = {"choices": "generate writes it for questions that have choices",
+              "choice_logprobs": "generate with mcq.method=loglikelihood writes it",
+              "choice_lengths": "generate with mcq.method=loglikelihood writes it"}
+
+
+def check_needs(path: Path, rows: list[dict], metrics) -> None:
+    """Every answered row has the fields the chosen metrics read, and a choice metric a correct choice."""
+    for metric in metrics:
+        for row in (r for r in rows if not is_skipped(r)):
+            where = f"id '{row['id']}'"
+            for key in metric.needs:
+                if key not in row:
+                    raise DataError(str(path), where, key, f"missing; metric {metric.name} needs it ({NEEDS_HINT[key]})")
+            if "choices" in metric.needs and not any(c in row["references"] for c in row["choices"]):
+                raise DataError(str(path), where, "references", f"none of the choices is a reference answer, "
+                                f"so metric {metric.name} cannot score it")
 
 
 def is_skipped(row: dict) -> bool:
@@ -129,6 +162,7 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
         raise DataError(str(path), None, None, "no such predictions file")
     rows = read_predictions(path)
     metrics = resolve_metrics(cfg.metrics)
+    check_needs(path, rows, metrics)
     scores_path, summary_path = path.with_name("scores.jsonl"), path.with_name("summary.json")
     _check_own(scores_path, summary_path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

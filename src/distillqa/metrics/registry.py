@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from distillqa.errors import ConfigError
-from distillqa.metrics import embedding, judge, ngram, squad
+from distillqa.metrics import choices, embedding, judge, ngram, squad
 from distillqa.metrics.settings import EvalSettings
 
 Rows = list[dict]
@@ -33,6 +33,7 @@ class Metric:
     default: bool
     description: str
     compute: Callable[[Rows, EvalSettings], list[float | None]]
+    needs: tuple[str, ...] = ()  # fields every predictions row must have besides prediction and references
 
     def score(self, rows: Rows, settings: EvalSettings) -> list[float | None]:
         worst = self.low if self.higher_is_better else self.high
@@ -65,8 +66,15 @@ _ALL = [
     Metric("token_f1", "lexical", 0.0, 1.0, True, False, "SQuAD token-overlap F1 after SQuAD answer normalisation", _text_metric(squad.token_f1)),
     Metric("chrf", "ngram", 0.0, 1.0, True, False, "sentence chrF (sacrebleu), 0-1", _text_metric(ngram.chrf)),
     Metric("meteor", "ngram", 0.0, 1.0, True, False, "METEOR (nltk; needs WordNet, see README)", _text_metric(ngram.meteor)),
-    Metric("choice_accuracy", "choice", 0.0, 1.0, True, False,
-           "1 if the prediction names exactly the reference choice (multiple choice)", _text_metric(squad.choice_accuracy)),
+    Metric("choice_accuracy", "choice", 0.0, 1.0, True, False, "1 if the generated answer maps to the correct choice "
+           "(label, text, then best overlap; see metrics/choices.py)", choices.choice_accuracy, needs=("choices",)),
+    Metric("unmapped_choice", "choice", 0.0, 1.0, False, False,
+           "1 if the generated answer maps to no choice (counted as wrong by choice_accuracy)", choices.unmapped_choice,
+           needs=("choices",)),
+    Metric("acc", "choice", 0.0, 1.0, True, False, "1 if the choice with the highest log-likelihood is correct "
+           "(mcq.method=loglikelihood)", choices.acc, needs=("choices", "choice_logprobs")),
+    Metric("acc_norm", "choice", 0.0, 1.0, True, False, "acc with log-likelihoods divided by the choices' lengths in "
+           "characters", choices.acc_norm, needs=("choices", "choice_logprobs", "choice_lengths")),
 ]
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
 DEFAULT_METRICS = [m.name for m in _ALL if m.default]

@@ -35,8 +35,3 @@ def exact_match(predictions: list[str], references: list[list[str]]) -> list[flo
 
 def token_f1(predictions: list[str], references: list[list[str]]) -> list[float]:
     return [max(_f1(p, r) for r in refs) for p, refs in zip(predictions, references)]
-
-
-def choice_accuracy(predictions: list[str], references: list[list[str]]) -> list[float]:
-    """1 if the normalised prediction equals the normalised reference choice text, else 0."""
-    return exact_match(predictions, references)
