@@ -117,6 +117,10 @@ def _run_experiment(overrides: list[str], config: Optional[str] = None) -> None:
     hypotheses = json.loads((exp / "results" / "hypotheses.json").read_text())
     for h in hypotheses:
         typer.echo(f"{h['question']:58s} {h['summary']}")
+    for held_out in cfg.held_out:
+        typer.echo(f"held-out test set {held_out.name}:")
+        for h in json.loads((exp / "results" / "held_out" / held_out.name / "hypotheses.json").read_text()):
+            typer.echo(f"  {h['question']:56s} {h['summary']}")
     checks = json.loads((exp / "results" / "checks.json").read_text())
     typer.echo("checks of the tool working:")
     for c in checks["checks"]:

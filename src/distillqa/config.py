@@ -352,6 +352,26 @@ def apply_preset(presets: dict[str, dict], default: str, raw: Any) -> Any:
     return raw
 
 
+class HeldOutConfig(Section):
+    """An extra test set that every row of the experiment answers, with its own statistics."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Its name: the directory "
+                      "held_out/NAME/ and its section of the report.")
+    data: DataConfig = Field(..., description="Its file (`data.source`) and format; `data.max_eval_examples` limits it.")
+    split: Literal["train", "validation", "test", "all"] = Field(
+        "all", description="The part of the file answered; `all`: every question (a file meant only for testing).")
+    mcq: MCQConfig = Field(default_factory=MCQConfig)
+    metrics: str | None = Field(None, description="Metrics for this set (default: evaluate.metrics); e.g. "
+                                "`acc,acc_norm` with mcq.method=loglikelihood, `choice_accuracy` with generate.")
+
+    @model_validator(mode="after")
+    def _metrics_match_method(self):
+        names = {m.strip() for m in (self.metrics or "").split(",")}
+        if names & {"acc", "acc_norm"} and self.mcq.method != "loglikelihood":
+            raise ValueError(f"held-out set '{self.name}': metrics acc and acc_norm need mcq.method=loglikelihood")
+        return self
+
+
 class ExperimentConfig(Section):
     """`distillqa experiment run`: the teacher x student x algorithm x vocabulary grid, statistics and report."""
 
@@ -366,6 +386,10 @@ class ExperimentConfig(Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    held_out: list[HeldOutConfig] = Field(
+        [], description="Extra test files, each answered by every row and given its own rows and hypothesis tables, e.g. "
+        "`[{name: cqa, data: {source: dev.jsonl}, mcq: {method: loglikelihood}, metrics: 'acc,acc_norm'}]`. "
+        "Sets may be added to an experiment that has run; a set's definition may not change.")
     output_dir: str = Field("runs/experiment", description="Experiment directory (all stages, results and report).")
 
     @model_validator(mode="before")
@@ -375,10 +399,14 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _needs(self):
+        names = [h.name for h in self.held_out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"held_out: names must be unique, got {names}")
         if self.preset == "cpu" and self.data.source.startswith("bundled:"):
             raise ValueError("preset 'cpu' needs data.source: the path of your QA file (e.g. TeleQuAD-v4-full.json)")
+        specs = [self.evaluate.metrics] + [h.metrics for h in self.held_out if h.metrics]
         judged = any(m.strip() in ("default", "judge", "faithfulness", "answer_correctness", "answer_relevance")
-                     for m in self.evaluate.metrics.split(","))
+                     for spec in specs for m in spec.split(","))
         if judged and not (self.evaluate.judge.url or self.evaluate.judge.local_model):
             raise ValueError("evaluate.metrics includes judge metrics: set evaluate.judge.url and evaluate.judge.model "
                              "(or evaluate.judge.local_model), or use evaluate.metrics=offline")

@@ -54,6 +54,11 @@ def teacher_sft_dir(teacher: str) -> str:
 STUDENT_SFT_DIR = "sft/student"
 
 
+def held_out_dir(name: str) -> str:
+    """Where the rows' answers to an extra test set (`held_out`) go; rows/ holds the main test split's."""
+    return f"held_out/{name}"
+
+
 def sft_only_name(student_state: str) -> str:
     return f"sft-only_student-{student_state}"
 

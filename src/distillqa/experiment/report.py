@@ -3,6 +3,7 @@
 Reads plan.json, experiment.yaml and every row's scores.jsonl; writes
     results/rows.json         per row and metric: mean, 95% bootstrap CI, n, missing
     results/hypotheses.json   per hypothesis and metric: paired test, adjusted p, effect size
+    results/held_out/SET/     rows.json and hypotheses.json of each extra test set (`held_out`)
     plots/means.png, plots/effects.png
     report.md, report.html    (the HTML embeds the plots, so it is one self-contained file)
 
@@ -24,6 +25,7 @@ import yaml
 from distillqa.errors import RunDirError
 from distillqa.config import DataConfig
 from distillqa.data import load_splits
+from distillqa.experiment.grid import held_out_dir
 from distillqa.experiment.checks import as_dicts, data_vocabulary, experiment_checks, kd_vs_sft_line
 from distillqa.experiment.paper import PAPER_FINDINGS, PAPER_NOTE
 from distillqa.experiment.stats import compare, summarize_hypothesis
@@ -67,14 +69,19 @@ def load_experiment(exp: Path) -> tuple[dict, dict, dict[str, dict[str, dict]]]:
             raise ValueError("not the layout distillqa writes")
     except (yaml.YAMLError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RunDirError(f"{exp}: experiment.yaml or plan.json is damaged ({str(e).splitlines()[0]})") from None
+    return cfg, plan, read_scores(exp, plan, "rows")
+
+
+def read_scores(exp: Path, plan: dict, test_dir: str) -> dict[str, dict[str, dict]]:
+    """scores[row][example id][metric] of one test set (`rows`, or `held_out/SET`)."""
     scores = {}
     for row in plan["rows"]:
-        path = exp / "rows" / row["name"] / "scores.jsonl"
+        path = exp / test_dir / row["name"] / "scores.jsonl"
         if not path.is_file():
             raise RunDirError(f"{exp}: row {row['name']} has no scores yet ({path}); finish the run with "
                               "`distillqa experiment run`")
         scores[row["name"]] = {r["id"]: r for r in read_jsonl(path)}
-    return cfg, plan, scores
+    return scores
 
 
 def pooled(scores: dict[str, dict[str, dict]], pairs: list[list[str]], metrics: list[str]) -> tuple[dict, dict]:
@@ -94,28 +101,35 @@ def pooled(scores: dict[str, dict[str, dict]], pairs: list[list[str]], metrics: 
 
 
 def compute_results(exp: Path) -> dict:
+    cfg, plan, scores = load_experiment(exp)
+    st = cfg["stats"]
+    method = METHOD.format(test=st["test"], test_note=TEST_NOTES[st["test"]], correction=CORRECTIONS[st["correction"]],
+                           alpha=st["alpha"])
+    res = {"config": cfg, **test_set_results(plan, scores, cfg["evaluate"]["metrics"], st), "method": method}
+    res["held_out"] = [{"name": h["name"], **test_set_results(plan, read_scores(exp, plan, held_out_dir(h["name"])),
+                                                              h["metrics"] or cfg["evaluate"]["metrics"], st)}
+                       for h in cfg.get("held_out", [])]
+    test = load_splits(DataConfig(**cfg["data"]))[0]["test"]
+    res["checks"] = as_dicts(experiment_checks(exp, res, data_vocabulary(test)))
+    res["kd_vs_sft"] = kd_vs_sft_line(res)
+    res["examples"] = answers_side_by_side(exp, plan["rows"], test[:EXAMPLE_QUESTIONS])
+    return res
+
+
+def test_set_results(plan: dict, scores: dict[str, dict[str, dict]], metric_spec: str, st: dict) -> dict:
+    """One test set's metrics, rows (mean and CI per metric) and hypotheses (paired tests per metric)."""
     from distillqa.metrics.summary import summarize
 
-    cfg, plan, scores = load_experiment(exp)
-    metrics = [m.name for m in resolve_metrics(cfg["evaluate"]["metrics"])
-               if all(m.name in s for rs in scores.values() for s in rs.values())]
+    metrics = [m.name for m in resolve_metrics(metric_spec) if all(m.name in s for rs in scores.values() for s in rs.values())]
     rows = [{**row, "label": label(row), "metrics": {m: summarize([s.get(m) for s in scores[row["name"]].values()])
                                                      for m in metrics}} for row in plan["rows"]]
-    st = cfg["stats"]
     hyps = []
     for h in plan["hypotheses"]:
         a, b = pooled(scores, h["pairs"], metrics)
         results = compare(a, b, metrics, st["test"], st["correction"], st["alpha"])
         hyps.append({**h, "summary": summarize_hypothesis(results, {m: METRICS[m].family for m in metrics}),
                      "results": [r.to_dict() for r in results]})
-    method = METHOD.format(test=st["test"], test_note=TEST_NOTES[st["test"]], correction=CORRECTIONS[st["correction"]],
-                           alpha=st["alpha"])
-    res = {"config": cfg, "metrics": metrics, "rows": rows, "hypotheses": hyps, "method": method}
-    test = load_splits(DataConfig(**cfg["data"]))[0]["test"]
-    res["checks"] = as_dicts(experiment_checks(exp, res, data_vocabulary(test)))
-    res["kd_vs_sft"] = kd_vs_sft_line(res)
-    res["examples"] = answers_side_by_side(exp, plan["rows"], test[:EXAMPLE_QUESTIONS])
-    return res
+    return {"metrics": metrics, "rows": rows, "hypotheses": hyps}
 
 
 EXAMPLE_QUESTIONS = 4
@@ -215,16 +229,6 @@ def save_figure(fig, path: Path) -> None:
 def blocks(res: dict) -> list[tuple]:
     """The report as ("h1" | "h2" | "p" | "table" | "img" | "pre", ...) blocks, rendered to Markdown and HTML."""
     metrics = res["metrics"]
-    cell_table = [[r["label"], r["metrics"][metrics[0]]["n"] if metrics else 0] +
-                  [f"{r['metrics'][m]['mean']:.3f} [{r['metrics'][m]['ci95'][0]:.3f}, {r['metrics'][m]['ci95'][1]:.3f}]"
-                   for m in metrics] for r in res["rows"]]
-    hyp_table = [[h["question"], len(h["pairs"]), h["summary"]] for h in res["hypotheses"]]
-    detail = []
-    for h in res["hypotheses"]:
-        for r in h["results"]:
-            winner = {"A": "A", "B": "B", "tie": "tie"}[r["direction"]]
-            detail.append([h["name"], r["metric"], r["n"], f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}", f"{r['effect_size']:+.3f}",
-                           f"{r['p_value']:.2g}", f"{r['p_adjusted']:.2g}", "yes" if r["rejected"] else "no", winner])
     pairs = [[h["name"], "; ".join(f"{a} vs {b}" for a, b in h["pairs"])] for h in res["hypotheses"]]
     checks = [[c["name"], "pass" if c["passed"] else "FAIL", c["detail"]] for c in res["checks"]]
     examples = []
@@ -239,7 +243,7 @@ def blocks(res: dict) -> list[tuple]:
         ("table", ["check", "result", "measured"], checks),
         ("p", res["kd_vs_sft"] or "The grid has no SFT-only baseline, so kd_vs_sft is not tested."),
         ("h2", "Hypotheses"),
-        ("table", ["hypothesis (A vs B)", "pairs", "result"], hyp_table),
+        hypotheses_block(res),
         ("img", "plots/effects.png", "effect size heatmap"),
         ("p", res["method"]),
         ("h2", "The telecom study's findings next to this run's"),
@@ -249,16 +253,50 @@ def blocks(res: dict) -> list[tuple]:
         ("p", f"The first {len(res['examples'])} test questions, every row's answer next to the reference."),
         *examples,
         ("h2", "Rows: mean [95% CI] per metric"),
-        ("table", ["row", "n"] + metrics, cell_table),
+        rows_block(res),
         ("img", "plots/means.png", "metric means per row"),
         ("h2", "Paired tests per hypothesis and metric"),
-        ("table", ["hypothesis", "metric", "questions", "mean A", "mean B", "effect r", "p", "p adjusted", "rejected",
-                   "higher"], detail),
+        tests_block(res),
+        *held_out_blocks(res),
         ("h2", "Matched pairs of each hypothesis (A vs B)"),
         ("table", ["hypothesis", "pairs"], pairs),
         ("h2", "Configuration"),
         ("pre", yaml.safe_dump(res["config"], sort_keys=False)),
     ]
+
+
+def rows_block(test_set: dict) -> tuple:
+    metrics = test_set["metrics"]
+    return ("table", ["row", "n"] + metrics, [
+        [r["label"], r["metrics"][metrics[0]]["n"] if metrics else 0] +
+        [f"{r['metrics'][m]['mean']:.3f} [{r['metrics'][m]['ci95'][0]:.3f}, {r['metrics'][m]['ci95'][1]:.3f}]" for m in metrics]
+        for r in test_set["rows"]])
+
+
+def hypotheses_block(test_set: dict) -> tuple:
+    return ("table", ["hypothesis (A vs B)", "pairs", "result"],
+            [[h["question"], len(h["pairs"]), h["summary"]] for h in test_set["hypotheses"]])
+
+
+def tests_block(test_set: dict) -> tuple:
+    detail = []
+    for h in test_set["hypotheses"]:
+        for r in h["results"]:
+            detail.append([h["name"], r["metric"], r["n"], f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}", f"{r['effect_size']:+.3f}",
+                           f"{r['p_value']:.2g}", f"{r['p_adjusted']:.2g}", "yes" if r["rejected"] else "no", r["direction"]])
+    return ("table", ["hypothesis", "metric", "questions", "mean A", "mean B", "effect r", "p", "p adjusted", "rejected",
+                      "higher"], detail)
+
+
+def held_out_blocks(res: dict) -> list[tuple]:
+    """Each extra test set: its hypotheses, rows and paired tests, as the main test split's."""
+    out = []
+    for test_set, h in zip(res["held_out"], res["config"].get("held_out", [])):
+        out += [("h2", f"Held-out test set {test_set['name']}"),
+                ("p", f"{h['data']['source']} (split {h['split']}, multiple choice by {h['mcq']['method']}), answered by "
+                      f"every row; metrics: {', '.join(test_set['metrics'])}."),
+                hypotheses_block(test_set), rows_block(test_set), tests_block(test_set)]
+    return out
 
 
 def to_markdown(doc: list[tuple]) -> str:
@@ -311,6 +349,9 @@ def write_report(exp: str | Path) -> Path:
     write_json(exp / "results" / "rows.json", res["rows"])
     write_json(exp / "results" / "hypotheses.json", res["hypotheses"])
     write_json(exp / "results" / "checks.json", {"checks": res["checks"], "kd_vs_sft": res["kd_vs_sft"]})
+    for test_set in res["held_out"]:
+        write_json(exp / "results" / held_out_dir(test_set["name"]) / "rows.json", test_set["rows"])
+        write_json(exp / "results" / held_out_dir(test_set["name"]) / "hypotheses.json", test_set["hypotheses"])
     if res["metrics"]:
         plot_means(res, exp / "plots" / "means.png")
         if res["hypotheses"]:

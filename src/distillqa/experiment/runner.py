@@ -6,6 +6,7 @@
       sft/teacher-NAME/, sft/student/      SFT runs, shared by every cell that needs them
       cells/CELL/                distillation runs
       rows/ROW/                  predictions.jsonl, scores.jsonl, summary.json of each row
+      held_out/SET/ROW/          the same for each extra test set (`held_out`)
       results/, report.md, report.html, plots/     written by `experiment report`
 
 Each stage is skipped when its output is complete and resumed when it is not (training from
@@ -27,9 +28,11 @@ from typing import Callable, Iterator
 import yaml
 from pydantic import BaseModel
 
-from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig, dump_config)
+from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig, dump_config,
+                               upgraded)
 from distillqa.errors import RunDirError
-from distillqa.experiment.grid import STUDENT_SFT_DIR, Row, plan_hypotheses, plan_rows, slug, teacher_sft_dir
+from distillqa.experiment.grid import (STUDENT_SFT_DIR, Row, held_out_dir, plan_hypotheses, plan_rows, slug,
+                                       teacher_sft_dir)
 from distillqa.io import write_json, write_text
 from distillqa.train.run_dir import RunDir, diff_keys
 
@@ -64,11 +67,21 @@ def check_config(exp: Path, cfg: BaseModel, mutable: tuple[str, ...] = ("stats."
     statistics, which are recomputed, and nothing else."""
     path, text = exp / "experiment.yaml", dump_config(cfg)
     if path.is_file():
-        diff = [k for k in diff_keys(yaml.safe_load(path.read_text()), yaml.safe_load(text)) if not k.startswith(mutable)]
+        old, new = upgraded(type(cfg), yaml.safe_load(path.read_text())), yaml.safe_load(text)
+        diff = [k for k in diff_keys(old, new) if not k.startswith(mutable)]
+        if diff == ["held_out"] and held_out_added(old["held_out"], new["held_out"]):
+            diff = []
         if diff:
             raise RunDirError(f"{exp} holds an experiment with a different config ({', '.join(diff)}); "
                               "choose another output_dir or delete it")
     write_text(path, text)
+
+
+def held_out_added(old: list[dict], new: list[dict]) -> bool:
+    """Held-out sets may be added to an experiment that has run (they only add stages), but a set's
+    definition may not change under its name: its finished predictions would no longer match it."""
+    by_name = {h["name"]: h for h in new}
+    return all(by_name.get(h["name"]) == h for h in old)
 
 
 def vocabularies(cfg: ExperimentConfig) -> dict[str, bool]:
@@ -172,8 +185,14 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
                 output_dir=row_model(student_base, exp, row), **shared), run_sft))
 
     settings = EvalSettings(cfg.evaluate.embedding_model, cfg.evaluate.bertscore_layers, cfg.evaluate.batch_size)
-    metric_names = [m.name for m in resolve_metrics(cfg.evaluate.metrics)]
     plan = [("sft", sft_stages)]
+
+    def answer_and_score(label: str, gen: GenerateConfig, evaluate) -> list[Stage]:
+        out, names = Path(gen.output_dir), [m.name for m in resolve_metrics(evaluate.metrics)]
+        return [Stage(f"generate {label}", (out / "predictions.jsonl").is_file, lambda: run_generate(gen)),
+                Stage(f"evaluate {label}", lambda: _scored(out, names),
+                      lambda: evaluate_predictions(out, evaluate, settings=settings))]
+
     for row in rows:
         stages = []
         if row.kind == "cell":
@@ -183,13 +202,15 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
                 student=student_cfg(f["student_state"]), lora=cfg.distill.lora,
                 train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update={"algorithm": f["algorithm"]}),
                 output_dir=str(exp / "cells" / row.name), **shared), run_distill))
-        out = exp / "rows" / row.name
-        gen = GenerateConfig(model=student.model_copy(update={"name": row_model(student_base, exp, row)})
-                             if row.kind != "teacher" else ModelConfig(name=row_model(student_base, exp, row)),
-                             generation=cfg.generation, split="test", output_dir=str(out), **shared)
-        stages.append(Stage(f"generate {row.name}", (out / "predictions.jsonl").is_file, lambda gen=gen: run_generate(gen)))
-        stages.append(Stage(f"evaluate {row.name}", lambda out=out: _scored(out, metric_names),
-                            lambda out=out: evaluate_predictions(out, cfg.evaluate, settings=settings)))
+        model = (student.model_copy(update={"name": row_model(student_base, exp, row)}) if row.kind != "teacher"
+                 else ModelConfig(name=row_model(student_base, exp, row)))
+        stages += answer_and_score(row.name, GenerateConfig(model=model, generation=cfg.generation, split="test",
+                                                            output_dir=str(exp / "rows" / row.name), **shared), cfg.evaluate)
+        for h in cfg.held_out:
+            gen = GenerateConfig(model=model, data=h.data, prompt=cfg.prompt, generation=cfg.generation, split=h.split,
+                                 mcq=h.mcq, output_dir=str(exp / held_out_dir(h.name) / row.name))
+            stages += answer_and_score(f"{row.name} on {h.name}", gen,
+                                       cfg.evaluate.model_copy(update={"metrics": h.metrics or cfg.evaluate.metrics}))
         plan.append((row.name, stages))
     return plan
 
