@@ -144,6 +144,72 @@ def experiment_report(exp_dir: str = typer.Argument(..., help="An experiment dir
     typer.echo(f"wrote {_guard(lambda: write_report(exp_dir))}")
 
 
+harness_app = typer.Typer(no_args_is_help=True, help="lm-evaluation-harness tasks on any distillqa model (the 'harness' extra).")
+app.add_typer(harness_app, name="harness")
+
+
+@harness_app.command("run")
+def harness_run(model: str = typer.Argument(..., help="Any model name: registry, run directory, local path, pruned student."),
+                tasks: str = typer.Option(..., help="lm-eval task names, comma-separated."),
+                out: str = typer.Option(..., "--out", help="New output directory: results.json and samples_TASK.jsonl."),
+                include_path: Optional[str] = typer.Option(None, help="A directory of extra task YAMLs (e.g. from `harness export`)."),
+                limit: Optional[int] = typer.Option(None, min=1, help="At most this many questions per task."),
+                num_fewshot: Optional[int] = typer.Option(None, min=0, help="Few-shot examples (default: the task's)."),
+                batch_size: int = typer.Option(8, min=1, help="Requests per forward pass."),
+                overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous harness run output.")) -> None:
+    """Evaluate a model with lm-evaluation-harness tasks (needs `pip install -e '.[harness]'`)."""
+    from pathlib import Path
+
+    from distillqa.harness import require_lm_eval, run_harness
+    from distillqa.io import check_output
+
+    _guard(require_lm_eval)
+    _guard(lambda: check_output(out, "harness run", overwrite))
+    found = {}
+    _guard(lambda: _into(out, "harness run", overwrite, lambda tmp: found.update(run_harness(
+        model, [t.strip() for t in tasks.split(",") if t.strip()], Path(tmp), include_path, limit, num_fewshot, batch_size))))
+    for task, metrics in found["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
+        typer.echo(f"{task}: {shown}")
+    typer.echo(f"wrote {out}/results.json")
+
+
+@harness_app.command("export")
+def harness_export(data: str = typer.Argument(..., help="A multiple-choice data file (jsonl with choices, or CommonsenseQA)."),
+                   out: str = typer.Argument(..., help="New task directory: NAME.yaml and NAME.jsonl."),
+                   name: str = typer.Option(..., help="The task's name (what --tasks names)."),
+                   split: str = typer.Option("all", help="all (the whole file), train, validation or test."),
+                   options: str = typer.Option("hidden", help="hidden (cloze: the choice texts are scored), inline, or "
+                                               "lettered (the letters are scored)."),
+                   instruction: str = typer.Option("", help="Instruction placed before the question."),
+                   data_format: str = typer.Option("auto", "--format", help="auto, jsonl, squad or cqa."),
+                   overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous harness export output.")) -> None:
+    """Write a data file's multiple-choice questions as an lm-eval task (distillqa's plain prompt)."""
+    import re
+    from pathlib import Path
+
+    from distillqa.config import DataConfig, MCQConfig, validate_config
+    from distillqa.errors import ConfigError
+    from distillqa.harness import export_task
+    from distillqa.io import check_output
+
+    def checked() -> DataConfig:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            raise ConfigError(f"--name: '{name}' must be letters, digits, '_' or '-' (it names the task and its files)")
+        if split not in ("all", "train", "validation", "test"):
+            raise ConfigError(f"--split: '{split}' is not one of all, train, validation, test")
+        validate_config(MCQConfig, {"options": options}, source="--options")
+        return validate_config(DataConfig, {"source": data, "format": data_format}, source="--format")
+
+    data_cfg = _guard(checked)
+    _guard(lambda: check_output(out, "harness export", overwrite))
+    count = []
+    _guard(lambda: _into(out, "harness export", overwrite, lambda tmp: count.append(
+        export_task(data_cfg, split, name, Path(tmp), Path(out), instruction, options))))
+    typer.echo(f"wrote task '{name}' ({count[0]} questions) to {out}; run it with: distillqa harness run MODEL "
+               f"--tasks {name} --include-path {out} --out RESULTS")
+
+
 rationales_app = typer.Typer(no_args_is_help=True, help="Rationale distillation on multiple-choice QA (CommonsenseQA).")
 app.add_typer(rationales_app, name="rationales")
 

@@ -34,6 +34,7 @@ from distillqa.errors import ConfigError
 
 IGNORE = -100
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+PLAIN_ANSWER = "\n\nAnswer:"  # ends the plain template's prompt; the answer follows after a space
 
 
 @dataclass
@@ -61,26 +62,16 @@ class PromptBuilder:
             raise ConfigError("the model's tokenizer has no end-of-sequence token, which answers need")
 
     def user_text(self, ex: QAExample, context: str) -> str:
-        parts = [self.instruction] if self.instruction else []
-        if context:
-            parts.append(f"Context: {context}")
-        parts.append(f"Question: {ex.question}")
-        if ex.choices and self.options == "inline":
-            parts.append("Choices: " + "; ".join(ex.choices))
-        elif ex.choices and self.options == "lettered":
-            parts.append("\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, ex.choices)))
-        return "\n\n".join(parts)
+        return user_text(ex, context, self.instruction, self.options)
 
     def scored_choices(self, ex: QAExample) -> list[str]:
-        """What log-likelihood scoring scores after the prompt: the letters when the prompt shows
-        lettered options (as lm-evaluation-harness does for MMLU), else the choice texts."""
-        return list(LETTERS[: len(ex.choices)]) if self.options == "lettered" else list(ex.choices)
+        return scored_choices(ex, self.options)
 
     def prompt_text(self, ex: QAExample, context: str) -> str:
         user = self.user_text(ex, context)
         if self.chat:
             return self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        return f"{user}\n\nAnswer:"
+        return f"{user}{PLAIN_ANSWER}"
 
     def _prompt_ids(self, ex: QAExample, context: str) -> list[int]:
         # Chat templates write their own special tokens; the plain template gets the usual BOS.
@@ -130,6 +121,25 @@ class PromptBuilder:
     def encode_prompt(self, ex: QAExample, max_new_tokens: int) -> list[int] | None:
         budget = self.max_length if self.separate_output else self.max_length - max_new_tokens
         return self.fit_prompt(ex, budget, anchor=None)
+
+
+def user_text(ex: QAExample, context: str, instruction: str, options: str = "inline") -> str:
+    """The question as the user asks it: instruction, context, question and the choices shown as `options` says."""
+    parts = [instruction] if instruction else []
+    if context:
+        parts.append(f"Context: {context}")
+    parts.append(f"Question: {ex.question}")
+    if ex.choices and options == "inline":
+        parts.append("Choices: " + "; ".join(ex.choices))
+    elif ex.choices and options == "lettered":
+        parts.append("\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, ex.choices)))
+    return "\n\n".join(parts)
+
+
+def scored_choices(ex: QAExample, options: str) -> list[str]:
+    """What log-likelihood scoring scores after the prompt: the letters when the prompt shows
+    lettered options (as lm-evaluation-harness does for MMLU), else the choice texts."""
+    return list(LETTERS[: len(ex.choices)]) if options == "lettered" else list(ex.choices)
 
 
 def collate_right(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
