@@ -6,6 +6,7 @@ run killed at any moment leaves either the old file or the new one, never half o
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -16,6 +17,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from distillqa.errors import RunDirError
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing), waiting while another process holds it; the
+    OS releases it when the holder dies (kill -9 too)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextmanager

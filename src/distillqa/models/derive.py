@@ -102,10 +102,7 @@ def derive_student(base: str, spec: str, out_dir: str | Path) -> Path:
 
 
 def cached_student(base: str, spec: str) -> Path:
-    from distillqa.models.registry import cache_root
+    from distillqa.models.registry import build_once, cache_root
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}@layers={spec}").strip("_")
-    target = cache_root() / "derived" / safe
-    if not (target / "config.json").is_file():
-        derive_student(base, spec, target)
-    return target
+    return build_once(cache_root() / "derived" / safe, lambda target: derive_student(base, spec, target))

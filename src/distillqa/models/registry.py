@@ -12,7 +12,8 @@ A name is, in the order tried:
 
 The cache lives in `$DISTILLQA_CACHE` (default `~/.cache/distillqa`). Every cached entry is
 written to a temporary directory and renamed into place, so a killed conversion leaves nothing
-half-written behind.
+half-written behind, and built once by one process (the main one of a multi-process launch, or the
+first of two commands, under a lock) while the others wait and then use it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -28,7 +30,8 @@ from typing import Callable
 import torch
 
 from distillqa.errors import ModelError
-from distillqa.io import atomic_path
+from distillqa.io import atomic_path, file_lock
+from distillqa.processes import launched_processes, processes
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,25 @@ def _convert_gguf(name: str, target: Path) -> None:
         (tmp / "distillqa_source.json").write_text(json.dumps({"registry_name": name, "gguf": gguf.name}))
 
 
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, a cached model directory, built by `build(target)` unless it holds a config.json already.
+
+    In a launch of several processes the main one builds it and the others wait for it: transformers
+    writes a model from rank 0 only. The lock keeps two separate commands from building it at once."""
+    def built() -> bool:
+        return (target / "config.json").is_file()
+
+    if launched_processes() > 1 and not processes().is_main_process:
+        while not built():  # no barrier: the main process may also need it where the others do not
+            time.sleep(0.5)
+        return target
+    if not built():
+        with file_lock(target.with_name(target.name + ".lock")):
+            if not built():  # not built while this process waited for the lock
+                build(target)
+    return target
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "run.json").is_file()
 
@@ -102,10 +124,7 @@ def resolve_model_path(name: str) -> str:
         base, spec = name.split("@layers=", 1)
         return str(cached_student(base, spec))
     if name in REGISTRY:
-        target = cache_root() / "models" / name
-        if not (target / "config.json").is_file():
-            _convert_gguf(name, target)
-        return str(target)
+        return str(build_once(cache_root() / "models" / name, lambda target: _convert_gguf(name, target)))
     path = Path(name).expanduser()
     if path.is_dir():
         if is_run_dir(path):

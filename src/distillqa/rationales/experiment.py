@@ -10,7 +10,9 @@ teacher rationales, measure multiple-choice accuracy, and compare with ANOVA / T
       answers/CELL/study.jsonl           question, choices, predicted answer and explanation, for a human study
       results/runs.json, results/anova.json, plots/accuracy.png, report.md, report.html
 
-Every stage is skipped when done and resumed when not, like the QA experiment.
+Every stage is skipped when done and resumed when not, like the QA experiment. Launched as several
+processes (`torchrun --nproc_per_node N -m distillqa.cli rationales experiment ...`), every cell
+trains data-parallel; the main process alone holds the lock, answers and writes the report.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from distillqa.config import RationaleExperimentConfig
 from distillqa.errors import ConfigError
 from distillqa.experiment.runner import check_config, experiment_lock
 from distillqa.io import read_jsonl, write_json, write_jsonl
+from distillqa.processes import processes
 from distillqa.rationales.data import RationaleExample, read_rationales
 from distillqa.rationales.tasks import TaskPrompts, WeightedTaskCE, collate_tasks, parse_answer, task_weights, training_items
 from distillqa.train.run_dir import RunDir
@@ -133,6 +136,13 @@ def run_rationale_experiment(cfg: RationaleExperimentConfig, echo: Callable[[str
                           f"({cfg.prompt.max_length}): a causal student's prompt and answer share that length")
     prompts = TaskPrompts(tok, cfg.prompt.template, cfg.prompt.max_length, seq2seq=seq2seq)
     cells = list(product(cfg.methods, cfg.rationale_types, cfg.seeds))
+    launch = processes()
+    if not launch.is_main_process:  # the others of a data-parallel launch (torchrun) train every cell with it
+        for method, rtype, seed in cells:
+            if not RunDir(run_path := exp / "cells" / cell_name(method, rtype, seed)).finished:
+                train_cell(cfg, run_path, prompts, tok, train, method, rtype, seed)
+        launch.wait_for_everyone()  # until the main process has written the results
+        return exp
     with experiment_lock(exp):
         check_config(exp, cfg, mutable=STATS_ONLY)
         started = time.monotonic()
@@ -154,6 +164,7 @@ def run_rationale_experiment(cfg: RationaleExperimentConfig, echo: Callable[[str
                          **json.loads((out / "accuracy.json").read_text())})
         write_json(exp / "results" / "runs.json", runs)
         report = write_rationale_report(exp)
+    launch.wait_for_everyone()
     echo(f"[rationales] {len(cells)} cells done in {(time.monotonic() - started) / 60:.1f} min; report: {report}")
     return exp
 

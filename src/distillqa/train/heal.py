@@ -26,6 +26,7 @@ from distillqa.data.readers import iter_json_lines
 from distillqa.errors import DataError
 from distillqa.models.derive import prune_layers, select_layers
 from distillqa.models.registry import load_model, load_tokenizer
+from distillqa.processes import processes
 from distillqa.train.kd import VanillaKD
 from distillqa.train.loop import train
 from distillqa.train.losses import DIVERGENCES
@@ -102,21 +103,22 @@ def run_heal(cfg: DeriveConfig, resume: bool = False, corpus: list[Encoded] | No
     if run.finished:
         return run.path
     parent = load_model(cfg.parent.name, "fp32", cfg.parent.trust_remote_code)
-    if heal.corpus == PARENT_ANSWERS:
-        corpus = parent_answers(parent, tok, cfg, run.path / "parent_answers.jsonl")
-    if "layers" in run.info:  # resumed: the layers chosen when the run started
-        keep = run.info["layers"]
-    else:
-        calibration = [collate_right(corpus[i : i + 8], tok.pad_token_id)
-                       for i in range(0, min(len(corpus), heal.calibration_examples), 8)]
-        keep, how = select_layers(parent, cfg.layers, calibration)
-        run.update(layers=keep, layer_choice=how, corpus_sequences=len(corpus), corpus_sha256=corpus_hash(corpus))
-    student = prune_layers(copy.deepcopy(parent), keep)
+    launch = processes()
+    # The main process writes the parent's answers and chooses the layers; the others then read both.
+    with launch.main_process_first():
+        if heal.corpus == PARENT_ANSWERS:
+            corpus = parent_answers(parent, tok, cfg, run.path / "parent_answers.jsonl")
+        if "layers" not in run.info:  # a resumed run keeps the layers chosen when it started
+            calibration = [collate_right(corpus[i : i + 8], tok.pad_token_id)
+                           for i in range(0, min(len(corpus), heal.calibration_examples), 8)]
+            keep, how = select_layers(parent, cfg.layers, calibration)
+            run.update(layers=keep, layer_choice=how, corpus_sequences=len(corpus), corpus_sha256=corpus_hash(corpus))
+    student = prune_layers(copy.deepcopy(parent), run.info["layers"])
     objective = VanillaKD(parent, DIVERGENCES["forward_kl"](), kd_rate=1.0, chunk=heal.chunk_size)
     train_cfg = TrainConfig(max_steps=heal.steps, batch_size=heal.batch_size, lr=heal.lr, schedule="cosine",
                             seed=heal.seed, checkpoint_every=heal.checkpoint_every, log_every=5)
     train(student, objective, corpus, train_cfg, run, partial(collate_right, pad_id=tok.pad_token_id))
-    if heal.eval_examples:
+    if heal.eval_examples and launch.is_main_process:
         run.update(zero_shot=zero_shot_rouge(student, tok, cfg.data, cfg.prompt, heal.eval_examples))
     save_final(run, student, tok, lora=False)
     return run.path

@@ -5,6 +5,12 @@ Data order is a pure function of (seed, step): optimizer step s uses micro-batch
 s*grad_accum .. (s+1)*grad_accum-1 of a stream of seeded per-epoch permutations. A resumed run
 therefore sees exactly the batches an uninterrupted run would, and restoring the optimizer,
 scheduler and RNG state from the checkpoint makes it continue identically.
+
+Several processes (`torchrun --nproc_per_node N -m distillqa.cli ...`, or `accelerate launch`) train
+data-parallel: each takes its slice of every global batch (N x batch_size examples), the loss runs
+inside the DDP wrapper's forward (`TrainingLoss`), so gradients are averaged across processes once
+per optimizer step, and the main process logs and checkpoints. With dropout off, N processes give
+the weights of one process with grad_accum multiplied by N: both average the same N micro-batch means.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,6 +32,7 @@ from tqdm.auto import tqdm
 from distillqa.config import TrainConfig
 from distillqa.errors import DistillQAError
 from distillqa.io import atomic_path, write_json
+from distillqa.processes import cpu_launch, launched_processes
 from distillqa.train.run_dir import RunDir
 
 
@@ -65,10 +74,28 @@ def lr_lambda(cfg: TrainConfig, steps: int):
     return factor
 
 
-def trainable_state(model: nn.Module, objective: nn.Module) -> dict[str, nn.Parameter]:
-    state = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    state.update({f"objective.{n}": p for n, p in objective.named_parameters() if p.requires_grad})
-    return state
+class TrainingLoss(nn.Module):
+    """The model and its objective as one module whose forward is the training loss.
+
+    DDP averages gradients across processes only for a loss computed inside its wrapper's forward,
+    and objectives call the model's backbone and head directly, not its forward. So the wrapper goes
+    around this module: the whole loss runs in its forward (TRL's and Lightning's "forward
+    redirection" reroute a call through the wrapper's forward for the same reason), and the
+    objective's own modules (DSKD projectors) are synchronised with the model. The frozen teacher is
+    inside too: DDP broadcasts its weights once at the start and gives it no gradients to average.
+    """
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective(self.model, batch)
+
+
+def trainable_state(module: TrainingLoss) -> dict[str, nn.Parameter]:
+    """Trainable tensors by name (`model.*`, `objective.*`): what a checkpoint holds."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
 def train(
@@ -88,25 +115,28 @@ def train(
     """
     if not data:
         raise DistillQAError("no training examples left after encoding (all too long for prompt.max_length?)")
-    accelerator = Accelerator()
-    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(cpu=cpu_launch())
+    if accelerator.num_processes != launched_processes():
+        raise DistillQAError(f"{launched_processes()} processes were launched, but accelerate joined {accelerator.num_processes} "
+                             "into one training run; each would train alone (is the device type supported?)")
+    # Each process draws its own dropout masks; process 0 draws those of a single-process run.
+    torch.manual_seed(cfg.seed + accelerator.process_index)
     steps = total_steps(len(data), cfg, accelerator.num_processes)
-    model.to(accelerator.device)
-    objective.to(accelerator.device)
-    params = trainable_state(model, objective)
+    loss_module = TrainingLoss(model, objective).to(accelerator.device)
+    params = trainable_state(loss_module)
     groups = param_groups or [{"params": list(params.values())}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
 
     start = 0
     if (ckpt := run.latest_checkpoint()) is not None:
-        start = load_checkpoint(ckpt, params, optimizer, scheduler)
+        start = load_checkpoint(ckpt, params, optimizer, scheduler, accelerator.process_index, accelerator.num_processes)
         if accelerator.is_main_process:
             run.truncate_log(start)  # steps after the checkpoint are trained, and logged, again
     schedule = micro_batch_indices(len(data), cfg, steps, accelerator.process_index, accelerator.num_processes)
 
-    model.train()
+    wrapped.train()
     window, t0, tokens = [], time.time(), 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {run.path.name}", disable=not accelerator.is_main_process)
     for step in bar:
@@ -115,9 +145,13 @@ def train(
             batch = collate([data[i] for i in schedule[step * cfg.grad_accum + k]])
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
-            loss, logs = objective(model, batch)
-            accelerator.backward(loss / cfg.grad_accum)
+            # Gradients are averaged across processes once per step, in the last micro-batch's backward.
+            with nullcontext() if k == cfg.grad_accum - 1 else accelerator.no_sync(wrapped):
+                loss, logs = wrapped(batch)
+                accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
+        # The mean over processes: every process logs, and stops on a bad loss, alike.
+        step_loss = accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device), "mean").item()
         if not math.isfinite(step_loss):
             raise DistillQAError(f"training loss became {step_loss} at step {step + 1}; lower train.lr or check the data")
         if cfg.max_grad_norm:
@@ -128,34 +162,44 @@ def train(
         window.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
-        if accelerator.is_main_process and (done % cfg.log_every == 0 or done == steps):
-            elapsed = time.time() - t0
-            run.log({"step": done, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": tokens / elapsed, **logs})
+        if done % cfg.log_every == 0 or done == steps:
+            tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))  # of all processes
+            if accelerator.is_main_process:
+                run.log({"step": done, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                         "tokens_per_s": tokens / (time.time() - t0), **logs})
             window, t0, tokens = [], time.time(), 0
         if done % cfg.checkpoint_every == 0 or done == steps:
-            accelerator.wait_for_everyone()
+            rng = gather_object([rng_state()])  # every process's, so that each resumes its own dropout masks
             if accelerator.is_main_process:
-                save_checkpoint(run.checkpoint_path(done), done, params, optimizer, scheduler)
+                save_checkpoint(run.checkpoint_path(done), done, params, optimizer, scheduler, rng)
                 run.prune_checkpoints(cfg.keep_checkpoints)
     bar.close()
     return {"steps": steps}
 
 
-def save_checkpoint(path: Path, step: int, params: dict, optimizer, scheduler) -> None:
+def rng_state() -> dict:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def save_checkpoint(path: Path, step: int, params: dict, optimizer, scheduler, rng: list[dict]) -> None:
+    """Trainable tensors, optimizer and scheduler (the same in every process), and each process's RNG state."""
     with atomic_path(path, replace_dir=True) as tmp:  # our own checkpoint, if a kill left it
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        write_json(tmp / "state.json", {"step": step})
+        write_json(tmp / "state.json", {"step": step, "processes": len(rng)})
 
 
-def load_checkpoint(path: Path, params: dict, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, params: dict, optimizer, scheduler, process_index: int = 0, num_processes: int = 1) -> int:
+    state = json.loads((path / "state.json").read_text())
+    if state.get("processes", 1) != num_processes:  # another split of every batch: not the run that was started
+        raise DistillQAError(f"checkpoint {path} was written by a run of {state.get('processes', 1)} processes; "
+                             f"resume it with that many, not {num_processes}")
     saved = load_file(str(path / "trainable.safetensors"))
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
@@ -166,7 +210,8 @@ def load_checkpoint(path: Path, params: dict, optimizer, scheduler) -> int:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = rng[process_index] if isinstance(rng, list) else rng  # one dict in checkpoints of single-process versions
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())["step"]
+    return state["step"]

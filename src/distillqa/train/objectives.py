@@ -2,7 +2,7 @@
 
 An objective is an `nn.Module` called as `objective(model, batch) -> (loss, logs)`. Modules
 of its own (e.g. projectors of later distillation objectives) are its submodules, so the loop
-trains and checkpoints them with the model.
+trains, synchronises across processes and checkpoints them with the model.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from distillqa.data.prompts import IGNORE
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
-    """(backbone, lm_head, logit softcap) of a causal LM, looking through PEFT and DDP wrappers."""
-    inner = model.module if hasattr(model, "module") and not hasattr(model, "get_base_model") else model
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
+    """(backbone, lm_head, logit softcap) of a causal LM, looking through a PEFT wrapper. Never a DDP wrapper:
+    the loop wraps the whole loss (`loop.TrainingLoss`), so objectives always get the model itself."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.model, inner.get_output_embeddings(), getattr(inner.config, "final_logit_softcapping", None)
 
 

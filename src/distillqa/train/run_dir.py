@@ -10,6 +10,9 @@
 A new run refuses a directory that already holds a run; `resume=True` continues an
 unfinished one from its newest checkpoint (and refuses if its config differs). Checkpoints
 and `final/` are written to a temporary directory and renamed, so a kill leaves none half-done.
+
+In a run of several processes the main one writes the directory: it creates or checks it in `open`
+while the others wait, and it alone writes run.json, the log, checkpoints and `final/`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 
 from distillqa.errors import RunDirError
 from distillqa.io import append_jsonl, atomic_path, read_partial_jsonl, write_json, write_jsonl, write_text
+from distillqa.processes import processes
 
 
 class RunDir:
@@ -46,34 +50,40 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path, config_yaml: str, kind: str, base_model: str, resume: bool) -> "RunDir":
-        """Create a run directory, or reopen an existing one for `resume`."""
-        run = cls(path)
-        if (run.path / "run.json").is_file():
-            status = run.info.get("status")
+        """Create a run directory, or reopen an existing one for `resume`. With several processes the main
+        one does it while the others wait (an error there ends the launch), then all use the directory."""
+        run, launch = cls(path), processes()
+        if launch.is_main_process:
+            run._create_or_check(config_yaml, kind, base_model, resume)
+        launch.wait_for_everyone()
+        return run
+
+    def _create_or_check(self, config_yaml: str, kind: str, base_model: str, resume: bool) -> None:
+        if (self.path / "run.json").is_file():
+            status = self.info.get("status")
             if not resume:
                 hint = "choose another output directory or delete it" if status == "finished" else "pass --resume to continue it"
-                raise RunDirError(f"{run.path} already holds a {status} {run.info.get('kind')} run; {hint}")
+                raise RunDirError(f"{self.path} already holds a {status} {self.info.get('kind')} run; {hint}")
             try:
-                old = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
+                old = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
             except (OSError, ValueError, yaml.YAMLError):
-                raise RunDirError(f"cannot resume {run.path}: its config.yaml is missing or unreadable") from None
+                raise RunDirError(f"cannot resume {self.path}: its config.yaml is missing or unreadable") from None
             new = yaml.safe_load(config_yaml)
             diff = diff_keys(old, new)
             if diff:
-                raise RunDirError(f"cannot resume {run.path}: its config differs in {', '.join(diff)}")
-            return run
+                raise RunDirError(f"cannot resume {self.path}: its config differs in {', '.join(diff)}")
+            return
         if resume:
-            raise RunDirError(f"cannot resume {run.path}: no run was started there (it holds no run.json); run without --resume")
-        if run.path.exists() and not run.path.is_dir():
-            raise RunDirError(f"{run.path} exists and is not a directory; choose another output directory")
-        if run.path.exists() and any(run.path.iterdir()):
-            raise RunDirError(f"{run.path} exists, is not empty and is not a distillqa run directory")
+            raise RunDirError(f"cannot resume {self.path}: no run was started there (it holds no run.json); run without --resume")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} exists and is not a directory; choose another output directory")
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunDirError(f"{self.path} exists, is not empty and is not a distillqa run directory")
         # Built aside and renamed: a kill here leaves no directory that is neither empty nor a run.
-        with atomic_path(run.path) as tmp:
+        with atomic_path(self.path) as tmp:
             tmp.mkdir()
             write_text(tmp / "config.yaml", config_yaml)
             write_json(tmp / "run.json", {"kind": kind, "base_model": base_model, "status": "running", "created": time.time()})
-        return run
 
     def log(self, row: dict) -> None:
         append_jsonl(self.path / "log.jsonl", [row])
@@ -86,7 +96,9 @@ class RunDir:
             write_jsonl(path, [r for r in read_partial_jsonl(path) if r.get("step", 0) <= step])
 
     def update(self, **fields) -> None:
-        write_json(self.path / "run.json", {**self.info, **fields})
+        """Add `fields` to run.json (on the main process; the others' copies are the same)."""
+        if processes().is_main_process:
+            write_json(self.path / "run.json", {**self.info, **fields})
 
     # --- checkpoints -------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -105,11 +117,15 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
 
     def write_final(self, save) -> None:
-        """Call `save(tmp_dir)` and move the result to final/ atomically, then mark the run finished."""
-        with atomic_path(self.path / "final", replace_dir=True) as tmp:  # a kill may have left ours
-            tmp.mkdir()
-            save(tmp)
-        self.update(status="finished", finished=time.time())
+        """Call `save(tmp_dir)` and move the result to final/ atomically, then mark the run finished; on the
+        main process, while the others wait, so every process returns with the run finished."""
+        launch = processes()
+        if launch.is_main_process:
+            with atomic_path(self.path / "final", replace_dir=True) as tmp:  # a kill may have left ours
+                tmp.mkdir()
+                save(tmp)
+            self.update(status="finished", finished=time.time())
+        launch.wait_for_everyone()
 
 
 def diff_keys(old, new, prefix: str = "") -> list[str]:
