@@ -101,6 +101,45 @@ def evaluate(predictions: str = typer.Argument(..., help="predictions.jsonl, or 
         typer.echo(f"{name:18s} {m['mean']:.4f}  95% CI [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]  n={m['n']}  missing={m['missing']}")
 
 
+@app.command("judge-calibrate")
+def judge_calibrate(predictions: str = typer.Argument(..., help="predictions.jsonl, or a directory holding one."),
+                    out: str = typer.Option(..., "--out", help="New output directory: calibration.json and scores.jsonl."),
+                    judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+                    judge_model: Optional[str] = typer.Option(None, help="Judge model name at that endpoint."),
+                    judge_local: Optional[str] = typer.Option(None, help="A local model as judge (slow)."),
+                    metrics: str = typer.Option("judge", help="The judge metrics to calibrate."),
+                    against: str = typer.Option("rouge_l,token_f1,cosine,bertscore_f1",
+                                                help="n-gram, lexical and embedding metrics to compare the judge with."),
+                    repeats: int = typer.Option(2, help="Times each judge metric is scored (2 or more)."),
+                    limit: Optional[int] = typer.Option(None, min=1, help="The first N questions only."),
+                    config: Optional[str] = typer.Option(None, "--config", help="YAML config (see `distillqa config evaluate`)."),
+                    set_: Optional[list[str]] = SetOpt,
+                    overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous judge-calibrate output.")) -> None:
+    """How a judge agrees with the n-gram/embedding metrics and with itself, and how often it cannot be parsed."""
+    from pathlib import Path
+
+    from distillqa.config import EvaluateConfig, load_config
+    from distillqa.io import check_output
+    from distillqa.metrics.calibration import calibrate_judge, write_calibration
+
+    shortcuts = {"judge.url": judge_url, "judge.model": judge_model, "judge.local_model": judge_local}
+    cfg = _guard(lambda: load_config(EvaluateConfig, config, [f"{k}={v}" for k, v in shortcuts.items() if v] + list(set_ or [])))
+    _guard(lambda: check_output(out, "judge-calibrate", overwrite))
+    report, table = _guard(lambda: calibrate_judge(predictions, cfg, metrics, against, repeats, limit))
+    _guard(lambda: _into(out, "judge-calibrate", overwrite, lambda tmp: write_calibration(Path(tmp), report, table)))
+    typer.echo(f"judge {report['judge']} on {report['questions']} questions, {repeats} repeats:")
+
+    def num(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    for name, m in report["metrics"].items():
+        again = m["self"][0]
+        typer.echo(f"  {name:18s} unparsed first reply {m['first_reply_unparsed']:.1%}, missing {m['missing']:.1%}; "
+                   f"same score when asked again {num(again['repeat_rate'])} (rho {num(again['rho'])}); Spearman with "
+                   + ", ".join(f"{ref} {num(r['rho'])}" for ref, r in m["against"].items()))
+    typer.echo(f"wrote {out}/calibration.json")
+
+
 experiment_app = typer.Typer(no_args_is_help=True, help="The teacher x student x algorithm x vocabulary grid, statistics, report.")
 app.add_typer(experiment_app, name="experiment")
 

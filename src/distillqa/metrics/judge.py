@@ -121,8 +121,11 @@ class ReplyCache:
         self.hits = 0
 
     @staticmethod
-    def key(model: str, prompt: str, attempt: int, max_tokens: int) -> str:
-        return hashlib.sha256(f"{model}\0{attempt}\0{max_tokens}\0{prompt}".encode()).hexdigest()
+    def key(model: str, prompt: str, attempt: int, max_tokens: int, repeat: int = 0) -> str:
+        # A repeat (judge calibration asks the same question again) is its own request; repeat 0
+        # keeps the keys replies were cached under before repeats existed.
+        again = f"\0repeat {repeat}" if repeat else ""
+        return hashlib.sha256(f"{model}\0{attempt}\0{max_tokens}{again}\0{prompt}".encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
         with self._lock:
@@ -142,13 +145,15 @@ class Judge:
         self.model, self.cache, self.concurrency = model, cache, concurrency
         self.parse_retries, self.max_tokens = parse_retries, max_tokens
         self.requests = 0
+        self.repeat = 0  # > 0: ask again, past the cached replies of earlier repeats (judge calibration)
+        self.asked = self.first_unparsed = self.never_parsed = 0  # prompts `ask`ed, first replies / all replies unparseable
 
     def _complete(self, prompts: list[str], attempt: int) -> list[str]:
         raise NotImplementedError
 
     def complete_many(self, prompts: list[str], attempt: int = 0) -> list[str]:
         replies: list[str | None] = [None] * len(prompts)
-        keys = [ReplyCache.key(self.model, p, attempt, self.max_tokens) for p in prompts]
+        keys = [ReplyCache.key(self.model, p, attempt, self.max_tokens, self.repeat) for p in prompts]
         if self.cache:
             replies = [self.cache.get(k) for k in keys]
         todo = [i for i, r in enumerate(replies) if r is None]
@@ -172,6 +177,10 @@ class Judge:
             for i, value in parsed:
                 results[i] = value
             pending = [i for i, value in parsed if value is None]
+            if attempt == 0:
+                self.first_unparsed += len(pending)
+        self.asked += len(prompts)
+        self.never_parsed += len(pending)
         return results
 
 
@@ -198,7 +207,8 @@ class EndpointJudge(Judge):
 
     def _request(self, prompt: str, attempt: int) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0.0 if attempt == 0 else 0.7, "max_tokens": self.max_tokens, "seed": attempt}).encode()
+                           "temperature": 0.0 if attempt == 0 else 0.7, "max_tokens": self.max_tokens,
+                           "seed": attempt + 100 * self.repeat}).encode()
         headers = {"Content-Type": "application/json"}
         if self._api_key_env:
             headers["Authorization"] = f"Bearer {os.environ[self._api_key_env]}"
