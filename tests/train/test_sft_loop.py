@@ -23,11 +23,23 @@ def logged_losses(run):
 
 
 def test_lora_sft_lowers_the_training_loss(tiny_model, tmp_path):
-    run = run_sft(cfg_for(tiny_model, tmp_path / "run", "train.max_steps=30", "lora.r=8"))
+    run = run_sft(cfg_for(tiny_model, tmp_path / "run", "train.max_steps=30", "lora.r=8",
+                          "train.keep_checkpoints_when_finished=true"))
     losses = logged_losses(run)
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert len(list((run / "checkpoints").iterdir())) == 2  # keep_checkpoints
+
+
+def test_finished_run_removes_its_checkpoints_by_default(tiny_model, tmp_path, monkeypatch):
+    from distillqa.train.run_dir import RunDir
+
+    seen = []  # checkpoints present while the run trained
+    real = RunDir.write_final
+    monkeypatch.setattr(RunDir, "write_final", lambda self, *a: seen.append(len(self.checkpoints())) or real(self, *a))
+    run = run_sft(cfg_for(tiny_model, tmp_path / "run", "train.max_steps=4"))
+    assert seen == [2] and RunDir(run).finished
+    assert not (run / "checkpoints").exists() and (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_full_finetuning_saves_a_standalone_model(tiny_model, tmp_path):

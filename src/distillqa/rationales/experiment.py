@@ -79,7 +79,7 @@ def train_cell(cfg: RationaleExperimentConfig, path: Path, prompts: TaskPrompts,
     model = apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
     train_loop(model, WeightedTaskCE(weights), items, cfg.train.model_copy(update={"seed": seed}), run,
                partial(collate_tasks, pad_id=tok.pad_token_id, seq2seq=prompts.seq2seq))
-    save_final(run, model, tok, lora=cfg.lora.enabled)
+    save_final(run, model, tok, lora=cfg.lora.enabled, keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
 
 
 def answer_cell(cfg: RationaleExperimentConfig, run_path: Path, out: Path, prompts: TaskPrompts, test: list[RationaleExample],

@@ -99,5 +99,6 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
         if state:
             save_file(state, str(tmp / "projectors.safetensors"))
 
-    save_final(run, student, tok_s, lora=cfg.lora.enabled, extra=save_projectors)
+    save_final(run, student, tok_s, lora=cfg.lora.enabled, extra=save_projectors,
+               keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
     return run.path

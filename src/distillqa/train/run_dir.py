@@ -116,15 +116,18 @@ class RunDir:
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def write_final(self, save) -> None:
-        """Call `save(tmp_dir)` and move the result to final/ atomically, then mark the run finished; on the
-        main process, while the others wait, so every process returns with the run finished."""
+    def write_final(self, save, keep_checkpoints: bool = False) -> None:
+        """Call `save(tmp_dir)` and move the result to final/ atomically, then mark the run finished and
+        (unless `keep_checkpoints`) remove its checkpoints, which a finished run never reads; on the main
+        process, while the others wait, so every process returns with the run finished."""
         launch = processes()
         if launch.is_main_process:
             with atomic_path(self.path / "final", replace_dir=True) as tmp:  # a kill may have left ours
                 tmp.mkdir()
                 save(tmp)
             self.update(status="finished", finished=time.time())
+            if not keep_checkpoints:
+                shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
         launch.wait_for_everyone()
 
 

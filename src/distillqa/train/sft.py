@@ -46,12 +46,13 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)  # new weights (LoRA, projectors) start the same in every run
     model = apply_lora(load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code), cfg.lora)
     train(model, SFTObjective(), data, cfg.train, run, partial(collate_right, pad_id=tok.pad_token_id))
-    save_final(run, model, tok, lora=cfg.lora.enabled)
+    save_final(run, model, tok, lora=cfg.lora.enabled, keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
     return run.path
 
 
-def save_final(run: RunDir, model, tok, lora: bool, extra=None) -> None:
-    """Write final/: the adapter (LoRA) or the whole model, the tokenizer, and `extra(tmp)` if given."""
+def save_final(run: RunDir, model, tok, lora: bool, extra=None, keep_checkpoints: bool = False) -> None:
+    """Write final/: the adapter (LoRA) or the whole model, the tokenizer, and `extra(tmp)` if given;
+    the checkpoints are removed unless `keep_checkpoints`."""
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
@@ -61,4 +62,4 @@ def save_final(run: RunDir, model, tok, lora: bool, extra=None) -> None:
         if extra:
             extra(tmp)
 
-    run.write_final(save)
+    run.write_final(save, keep_checkpoints)
