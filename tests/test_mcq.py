@@ -9,11 +9,10 @@ import json
 import pytest
 import torch
 
-from distillqa.config import GenerateConfig, SFTConfig, load_config
+from distillqa.config import EvaluateConfig, GenerateConfig, SFTConfig, load_config
 from distillqa.generate import run_generate
 from distillqa.metrics.choices import map_choice
 from distillqa.metrics.evaluate import evaluate_predictions
-from distillqa.config import EvaluateConfig
 from distillqa.models.registry import load_model, load_tokenizer
 
 from conftest import write_jsonl
@@ -84,7 +83,7 @@ def test_mapping_rule(answer, expected):
 
 
 def test_mapping_rule_prefers_a_choice_that_is_a_number():
-    assert map_choice("3", ["1", "2", "3", "4"]) == 2  # the choice "3", not the third choice "3"... nor "4"
+    assert map_choice("3", ["1", "2", "4", "3"]) == 3  # the choice "3", not the third choice
     assert map_choice("7", ["7", "8"]) == 0
     assert map_choice("the AMF or the SMF", CHOICES) is None  # a tie in overlap maps to nothing
 

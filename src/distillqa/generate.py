@@ -22,6 +22,7 @@ from distillqa.data.prompts import PromptBuilder, collate_left
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, DataError, RunDirError
 from distillqa.io import append_jsonl, is_empty, read_partial_jsonl, write_jsonl, write_text
+from distillqa.loglik import sequence_logprobs
 from distillqa.models.lora import is_encoder_decoder
 from distillqa.models.registry import load_model, load_tokenizer
 
@@ -82,8 +83,6 @@ def loglikelihood_predictions(model, tok, builder: PromptBuilder, examples: list
     """Multiple choice without generation: each row gets every choice's log-likelihood after the
     prompt (`choice_logprobs`, summed over the choice's tokens), the length in characters of the
     text scored (`choice_lengths`) and, as its prediction, the most likely choice."""
-    from distillqa.loglik import sequence_logprobs
-
     continuations = {ex.id: [builder.continuation_ids(c) for c in builder.scored_choices(ex)] for ex in examples}
     # The prompt leaves room for the longest choice, as generation leaves room for its new tokens.
     prompts = {ex.id: builder.fit_prompt(ex, builder.max_length - max(map(len, continuations[ex.id])), anchor=None)
