@@ -26,6 +26,11 @@ def main(cache_dir: Optional[str] = typer.Option(None, help="Model cache (defaul
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if int(os.environ.get("RANK", "0")) > 0:  # a torchrun/accelerate worker: the main process alone reports
+        logging.disable(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _guard(fn):
