@@ -300,7 +300,7 @@ class StatsConfig(Section):
 
 # Presets fill in what the user leaves out; explicit keys always win.
 EXPERIMENT_PRESETS: dict[str, dict] = {
-    # About 15 minutes on a 2-core CPU once the student is healed (first run: + about 5 minutes):
+    # 13 minutes on a 2-core CPU once the student is healed (first run: + 4.6 minutes of healing):
     # the bundled sample, all 36 test questions, one algorithm per teacher (8 cells), a few steps a stage.
     # Distillation and the SFT-only baselines train every weight: on the healed student, 8 steps of 4
     # reach ROUGE-L 0.24 fully fine-tuned (lr 3e-4) against 0.08 with LoRA (lr 1e-3), at the same step time.
