@@ -156,19 +156,23 @@ class GenerateConfig(Section):
 
 
 class KDConfig(Section):
-    algorithm: Literal["vanilla", "dskd", "dskd-cma", "uld"] = Field(
-        "vanilla", description="vanilla and dskd need one tokenizer for both models; dskd-cma and uld work across vocabularies."
+    algorithm: Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"] = Field(
+        "vanilla", description="vanilla and dskd need one tokenizer for both models; dskd-cma and uld work across vocabularies; "
+        "seqkd (sequence-level KD) trains on the teacher's greedy answers instead of the references, any two vocabularies."
     )
     divergence: Literal[
         "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd", "adaptive_kl", "generalized_jsd"
     ] = Field("forward_kl", description="Token-level divergence for vanilla KD and for the DSKD student-space term.")
-    kd_rate: float = Field(0.5, ge=0, le=1, description="r in loss = (1 - r) * CE + r * KD.")
+    kd_rate: float = Field(0.5, ge=0, le=1, description="r in loss = (1 - r) * CE + r * KD (not used by seqkd).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature applied to teacher and student logits alike.")
     skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed KL divergences.")
     beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD.")
     head_mass: float = Field(0.5, gt=0, lt=1, description="mu of adaptive KL: teacher mass that makes up the head.")
     chunk_size: int | None = Field(32, ge=1, description="Answer tokens projected to the vocabulary at a time (null: all at once).")
     projector_lr: float = Field(1e-3, gt=0, description="Learning rate of the DSKD projectors.")
+    answer_tokens: int = Field(48, ge=1, description="seqkd: new tokens per teacher answer.")
+    teacher_answers: str | None = Field(None, description="seqkd: JSONL store of the teacher's answers, shared by the runs "
+                                        "that name it (default: teacher_answers.jsonl in the run directory).")
 
 
 class HealConfig(Section):
@@ -235,7 +239,7 @@ class DistillConfig(Section):
     output_dir: str = Field("runs/distill", description="Run directory (config, log, checkpoints, final student).")
 
 
-Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld"]
+Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"]
 State = Literal["base", "sft"]
 
 

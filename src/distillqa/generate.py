@@ -9,6 +9,7 @@ an answer twice; the complete file is renamed to `predictions.jsonl` at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_left
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, DataError, RunDirError
-from distillqa.io import append_jsonl, is_empty, read_partial_jsonl, write_jsonl, write_text
+from distillqa.io import append_jsonl, is_empty, read_jsonl, read_partial_jsonl, write_json, write_jsonl, write_text
 from distillqa.loglik import sequence_logprobs
 from distillqa.models.lora import is_encoder_decoder
 from distillqa.models.registry import load_model, load_tokenizer
@@ -100,6 +101,36 @@ def loglikelihood_predictions(model, tok, builder: PromptBuilder, examples: list
         return rows
 
     return answer_in_batches(examples, prompts, batch_size, answer, tok, builder.max_length, out_path, "log-likelihoods")
+
+
+def stored_answers(model_name: str, load_model_once, tok, builder: PromptBuilder, examples: list[QAExample], max_new_tokens: int,
+                   store: Path, desc: str) -> dict[str, str]:
+    """Greedy answers of the model `load_model_once()` returns to `examples`, by id, kept in the JSONL `store` and shared by every
+    run that names it (sequence-level KD cells of one teacher, a healing run's parent answers).
+
+    Only questions the store lacks are answered (resumably, through `store.new.jsonl`), then merged
+    into it. The model and prompt settings are kept beside it in `store.json`; a store made with
+    other settings is refused, naming the first that differs."""
+    store = Path(store)
+    provenance = {"model": model_name, "chat_template": builder.chat, "instruction": builder.instruction,
+                  "max_length": builder.max_length, "max_new_tokens": max_new_tokens}
+    meta = store.with_suffix(".json")
+    if meta.is_file() and (held := json.loads(meta.read_text())) != provenance:
+        key = next(k for k in sorted(set(held) | set(provenance)) if held.get(k) != provenance.get(k))
+        raise ConfigError(f"{store}: its answers were made with {key}={held.get(key)!r}, this run uses "
+                          f"{provenance.get(key)!r}; name another file (or delete this one)")
+    rows = read_jsonl(store) if store.is_file() else []
+    have = {r["id"] for r in rows}
+    missing = [ex for ex in examples if ex.id not in have]
+    if missing:
+        new = store.with_name(store.stem + ".new.jsonl")
+        generate_predictions(load_model_once(), tok, builder, missing, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16),
+                             new, desc=desc)
+        write_json(meta, provenance)
+        write_jsonl(store, rows + read_jsonl(new))
+        new.unlink()
+    answers = {r["id"]: r["prediction"] for r in read_jsonl(store)}
+    return {ex.id: answers[ex.id] for ex in examples}
 
 
 def answer_in_batches(examples: list[QAExample], prompts: dict[str, list[int] | None], batch_size: int, answer,

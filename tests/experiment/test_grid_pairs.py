@@ -142,3 +142,18 @@ def test_three_algorithm_grid_pairs_within_teacher_and_family():
                   {"vocabulary", "teacher", "algorithm"}, {"vocabulary": "same"})
     check_factors(rows, {(c("uld", T1, ts, "sft"), c("uld", T2, ts, "sft")) for ts in STATES},
                   {"vocabulary", "teacher"}, {"vocabulary": "same"})
+
+
+def test_sequence_kd_cells_pair_within_their_family_and_share_one_answers_store_per_teacher_state(tmp_path):
+    from distillqa.experiment.runner import cell_kd
+
+    rows, hyps = plan(**{"grid.teachers": [{"name": T1, "algorithms": ["vanilla"]}, {"name": T2, "algorithms": ["seqkd"]}]})
+    assert "vocabulary" not in hyps  # vanilla vs seqkd would change the algorithm family with the vocabulary
+    rows, hyps = plan(**{"grid.teachers": [{"name": T1, "algorithms": ["seqkd"]}, {"name": T2, "algorithms": ["seqkd"]}]})
+    assert hyps["vocabulary"] == {(c("seqkd", T1, ts, ss), c("seqkd", T2, ts, ss)) for ts in STATES for ss in STATES}
+    stores = {name: cell_kd(tmp_path, row.factors)["teacher_answers"] for name, row in rows.items() if row.kind == "cell"}
+    for teacher in (T1, T2):
+        for ts in STATES:
+            assert stores[c("seqkd", teacher, ts, "base")] == stores[c("seqkd", teacher, ts, "sft")]
+        assert stores[c("seqkd", teacher, "base", "base")] != stores[c("seqkd", teacher, "sft", "base")]
+    assert len(set(stores.values())) == 4

@@ -87,7 +87,7 @@ def test_the_kd_term_alone_trains_the_student(tiny_model, tiny_other_vocab_model
 
 
 def test_vanilla_refuses_different_tokenizers(tiny_model, tiny_other_vocab_model, tmp_path):
-    with pytest.raises(ConfigError, match="use 'dskd-cma' or 'uld'"):
+    with pytest.raises(ConfigError, match="use 'dskd-cma', 'uld' or 'seqkd'"):
         run_distill(cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "r", "vanilla"))
     assert not (tmp_path / "r").exists()
 
@@ -194,3 +194,47 @@ def test_chunked_and_unchunked_objectives_agree(tiny_model, tiny_other_vocab_mod
     assert len(results[0][1]) == len(results[1][1]) > 0
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_seqkd_trains_on_the_teachers_answers_to_the_baselines_examples(tiny_model, tiny_other_vocab_model, tmp_path):
+    """The teacher (another vocabulary) answers exactly the examples an SFT run of the same budget
+    reaches, greedily, and the student's training sequences carry those answers, not the references."""
+    from distillqa.config import GenerationConfig
+    from distillqa.data import load_splits
+    from distillqa.generate import generate_batch
+    from distillqa.train.loop import micro_batch_indices
+
+    cfg = cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "r", "seqkd", "train.max_steps=2", "kd.answer_tokens=6")
+    run = run_distill(cfg)
+    stored = {r["id"]: r["prediction"] for r in map(json.loads, (run / "teacher_answers.jsonl").read_text().splitlines())}
+
+    builder_s = PromptBuilder(load_tokenizer(tiny_model), cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length)
+    fitting = [ex for ex in load_splits(cfg.data)[0]["train"] if builder_s.encode_train(ex) is not None]
+    sft_batches = micro_batch_indices(len(fitting), cfg.train, steps=2)
+    assert set(stored) == {fitting[i].id for batch in sft_batches for i in batch} and len(stored) == 8
+
+    tok_t = load_tokenizer(tiny_other_vocab_model)
+    builder_t = PromptBuilder(tok_t, cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length)
+    prompts = {ex.id: builder_t.encode_prompt(ex, 6) for ex in fitting if ex.id in stored}
+    order = sorted(prompts, key=lambda i: (-len(prompts[i]), i))  # one left-padded batch, as generation batches them
+    greedy = generate_batch(load_model(tiny_other_vocab_model), tok_t, [prompts[i] for i in order],
+                            GenerationConfig(max_new_tokens=6))
+    assert [stored[i] for i in order] == greedy
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["teacher_answers"]["answered"] + info["teacher_answers"]["empty"] == 8
+
+
+def test_seqkd_answers_store_is_shared_and_refuses_other_settings(tiny_model, tmp_path, monkeypatch):
+    from distillqa.train import distill
+
+    store = tmp_path / "answers.jsonl"
+    teacher = f"{tiny_model}@layers=0-1"
+    run_distill(cfg_for(teacher, tiny_model, tmp_path / "a", "seqkd", "train.max_steps=1", f"kd.teacher_answers={store}"))
+    loaded = []
+    real = distill.load_model
+    monkeypatch.setattr(distill, "load_model", lambda name, *a: loaded.append(name) or real(name, *a))
+    run_distill(cfg_for(teacher, tiny_model, tmp_path / "b", "seqkd", "train.max_steps=1", f"kd.teacher_answers={store}"))
+    assert loaded == [tiny_model]  # the student only: the second run read the teacher's answers from the store
+    with pytest.raises(ConfigError, match="max_new_tokens=48.*this run uses 8"):
+        run_distill(cfg_for(teacher, tiny_model, tmp_path / "c", "seqkd", "train.max_steps=1",
+                            f"kd.teacher_answers={store}", "kd.answer_tokens=8"))

@@ -20,8 +20,9 @@ from distillqa.config import ExperimentConfig
 from distillqa.errors import ConfigError
 
 # Vanilla KD and ULD both match output distributions; DSKD and DSKD-CMA both distil in the
-# two models' representation spaces. The vocabulary hypothesis pairs algorithms of one family.
-ALGORITHM_FAMILY = {"vanilla": "logit", "uld": "logit", "dskd": "dual-space", "dskd-cma": "dual-space"}
+# two models' representation spaces; sequence-level KD learns the teacher's answers as text, with any
+# vocabulary. The vocabulary hypothesis pairs algorithms of one family.
+ALGORITHM_FAMILY = {"vanilla": "logit", "uld": "logit", "dskd": "dual-space", "dskd-cma": "dual-space", "seqkd": "sequence"}
 SAME_VOCAB_ONLY = ("vanilla", "dskd")
 
 
@@ -87,7 +88,7 @@ def plan_rows(cfg: ExperimentConfig, same_vocab: dict[str, bool]) -> list[Row]:
             if algorithm in SAME_VOCAB_ONLY and vocab == "different":
                 raise ConfigError(
                     f"grid.teachers: '{algorithm}' needs a teacher with the student's tokenizer, but {t.name} and "
-                    f"{grid.student.name} map tokens to ids differently; use 'dskd-cma' or 'uld' for this teacher")
+                    f"{grid.student.name} map tokens to ids differently; use 'dskd-cma', 'uld' or 'seqkd' for this teacher")
             for t_state in grid.teacher_states:
                 for s_state in grid.student_states:
                     rows.append(Row(cell_name(t.name, t_state, s_state, algorithm), "cell", {

@@ -200,7 +200,7 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
             stages.append(training("distill", DistillConfig(
                 teacher=ModelConfig(name=teacher_model(exp, f["teacher"], f["teacher_state"])),
                 student=student_cfg(f["student_state"]), lora=cfg.distill.lora,
-                train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update={"algorithm": f["algorithm"]}),
+                train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update=cell_kd(exp, f)),
                 output_dir=str(exp / "cells" / row.name), **shared), run_distill))
         model = (student.model_copy(update={"name": row_model(student_base, exp, row)}) if row.kind != "teacher"
                  else ModelConfig(name=row_model(student_base, exp, row)))
@@ -213,6 +213,15 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
                                        cfg.evaluate.model_copy(update={"metrics": h.metrics or cfg.evaluate.metrics}))
         plan.append((row.name, stages))
     return plan
+
+
+def cell_kd(exp: Path, f: dict) -> dict:
+    """A cell's KD settings: its algorithm, and for sequence-level KD the answers store that every
+    cell of the same teacher state shares (the teacher answers each training prompt once)."""
+    update = {"algorithm": f["algorithm"]}
+    if f["algorithm"] == "seqkd":
+        update["teacher_answers"] = str(exp / "teacher_answers" / f"{slug(f['teacher'])}-{f['teacher_state']}.jsonl")
+    return update
 
 
 def _scored(out: Path, metrics: list[str]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,12 +14,15 @@ from distillqa.config import DistillConfig, KDConfig, dump_config
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
 from distillqa.errors import ConfigError, DataError
+from distillqa.generate import stored_answers
 from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
+from distillqa.processes import processes
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
 from distillqa.train.kd import ULD, VanillaKD
-from distillqa.train.loop import train
+from distillqa.train.loop import examples_trained_on, train
 from distillqa.train.losses import DIVERGENCES
+from distillqa.train.objectives import SFTObjective
 from distillqa.train.run_dir import RunDir
 from distillqa.train.sft import save_final
 
@@ -60,11 +64,13 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
     splits, report = load_splits(cfg.data)
     tok_s = load_tokenizer(cfg.student.name, cfg.student.trust_remote_code)
     tok_t = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    if cfg.kd.algorithm == "seqkd":
+        return run_sequence_kd(cfg, splits["train"], report, tok_s, tok_t, resume)
     same = same_tokenizer(tok_s, tok_t)
     if cfg.kd.algorithm in SAME_VOCAB and not same:
         raise ConfigError(
             f"kd.algorithm: '{cfg.kd.algorithm}' needs teacher and student to share a tokenizer, but "
-            f"{cfg.teacher.name} and {cfg.student.name} map tokens to ids differently; use 'dskd-cma' or 'uld'"
+            f"{cfg.teacher.name} and {cfg.student.name} map tokens to ids differently; use 'dskd-cma', 'uld' or 'seqkd'"
         )
     prompt = cfg.prompt
     build_s = PromptBuilder(tok_s, prompt.template, prompt.instruction, prompt.max_length)
@@ -101,4 +107,42 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
 
     save_final(run, student, tok_s, lora=cfg.lora.enabled, extra=save_projectors,
                keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
+    return run.path
+
+
+def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: bool) -> Path:
+    """Sequence-level KD (Kim & Rush 2016): cross-entropy on the teacher's greedy answers to the
+    training prompts instead of the references. The teacher answers the examples the run reaches
+    (the SFT-only baseline's examples, by the same seeded order) once, into `kd.teacher_answers`,
+    and is released before training; text carries across any two vocabularies."""
+    prompt = cfg.prompt
+    build_s = PromptBuilder(tok_s, prompt.template, prompt.instruction, prompt.max_length)
+    build_t = PromptBuilder(tok_t, prompt.template, prompt.instruction, prompt.max_length)
+    fitting = [ex for ex in examples if build_s.encode_train(ex) is not None]  # as SFT filters them
+    if not fitting:
+        raise DataError(cfg.data.source, None, None, f"none of the {len(examples)} training examples fits prompt.max_length "
+                        f"({prompt.max_length} tokens) even without its context; raise prompt.max_length")
+    launch = processes()
+    chosen = [fitting[i] for i in examples_trained_on(len(fitting), cfg.train, launch.num_processes)]
+
+    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="distill", base_model=cfg.student.name, resume=resume)
+    if run.finished:
+        log.info("%s is already finished; nothing to do", run.path)
+        return run.path
+    store = Path(cfg.kd.teacher_answers or run.path / "teacher_answers.jsonl")
+    with launch.main_process_first():  # the main process answers; the others find the store complete
+        answers = stored_answers(cfg.teacher.name, lambda: load_model(cfg.teacher.name, cfg.teacher.precision,
+                                                                       cfg.teacher.trust_remote_code),
+                                 tok_t, build_t, chosen, cfg.kd.answer_tokens, store, desc="teacher answers")
+    encoded = [build_s.encode_train(ex, answers[ex.id]) for ex in chosen if answers[ex.id]]
+    data = [e for e in encoded if e is not None]
+    if not data:
+        raise DataError(str(store), None, "prediction", "the teacher answered none of the training prompts")
+    run.update(data=report.summary(), train_examples=len(data), skipped_too_long=len(encoded) - len(data),
+               teacher_answers={"file": str(store), "answered": len(encoded), "empty": len(chosen) - len(encoded)})
+
+    torch.manual_seed(cfg.train.seed)
+    student = apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
+    train(student, SFTObjective(), data, cfg.train, run, partial(collate_right, pad_id=tok_s.pad_token_id))
+    save_final(run, student, tok_s, lora=cfg.lora.enabled, keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
     return run.path

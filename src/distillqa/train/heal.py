@@ -127,13 +127,12 @@ def run_heal(cfg: DeriveConfig, resume: bool = False, corpus: list[Encoded] | No
 def parent_answers(parent, tok, cfg: DeriveConfig, path: Path) -> list[Encoded]:
     """The training prompts with the parent's greedy answers, generated once into `path` (a
     killed run continues from its last finished batch), each as one all-token sequence."""
-    from distillqa.generate import generate_predictions
+    from distillqa.generate import stored_answers
 
     builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.heal.max_length)
     examples = load_splits(cfg.data)[0]["train"]
-    gen = GenerationConfig(max_new_tokens=cfg.heal.answer_tokens, batch_size=16)
-    generate_predictions(parent, tok, builder, examples, gen, path, desc="parent answers")
-    answers = {row["id"]: row["prediction"] for _, row in iter_json_lines(path)}
+    answers = stored_answers(cfg.parent.name, lambda: parent, tok, builder, examples, cfg.heal.answer_tokens, path,
+                             desc="parent answers")
     corpus = _all_tokens([builder.encode_train(ex, answers[ex.id]) for ex in examples if answers[ex.id]])
     if not corpus:
         raise DataError(str(path), None, None, "the parent answered none of the training prompts")

@@ -60,6 +60,14 @@ def micro_batch_indices(num_examples: int, cfg: TrainConfig, steps: int, rank: i
     return out[:needed]
 
 
+def examples_trained_on(num_examples: int, cfg: TrainConfig, world: int = 1) -> list[int]:
+    """Indices of the examples a run of `cfg` reaches: all of them once its steps cover an epoch,
+    else the first ones of the seeded order (what sequence-level KD needs teacher answers for)."""
+    steps = total_steps(num_examples, cfg, world)
+    return sorted({i for rank in range(world) for batch in micro_batch_indices(num_examples, cfg, steps, rank, world)
+                   for i in batch})
+
+
 def lr_lambda(cfg: TrainConfig, steps: int):
     warmup = int(cfg.warmup_ratio * steps)
 
