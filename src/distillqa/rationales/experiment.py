@@ -30,7 +30,7 @@ import yaml
 
 from distillqa.config import RationaleExperimentConfig
 from distillqa.errors import ConfigError
-from distillqa.experiment.runner import check_config, experiment_lock
+from distillqa.exp_dir import check_config, experiment_lock
 from distillqa.io import read_jsonl, write_json, write_jsonl
 from distillqa.processes import processes
 from distillqa.rationales.data import RationaleExample, read_rationales
