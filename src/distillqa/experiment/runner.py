@@ -78,7 +78,8 @@ def healing(cfg: ExperimentConfig):
     """(DeriveConfig, corpus, cached run directory) of the grid's healed student, or None when the
     student is used as it is (not a `@layers=` student, or `grid.heal.steps` is 0)."""
     from distillqa.config import DeriveConfig
-    from distillqa.models.registry import cache_root, load_tokenizer
+    from distillqa.cache import cache_root
+    from distillqa.models.registry import load_tokenizer
     from distillqa.train.heal import heal_key, healing_corpus
 
     name, heal = cfg.grid.student.name, cfg.grid.heal

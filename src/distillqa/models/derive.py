@@ -102,7 +102,8 @@ def derive_student(base: str, spec: str, out_dir: str | Path) -> Path:
 
 
 def cached_student(base: str, spec: str) -> Path:
-    from distillqa.models.registry import build_once, cache_root
+    from distillqa.cache import cache_root
+    from distillqa.models.registry import build_once
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}@layers={spec}").strip("_")
     return build_once(cache_root() / "derived" / safe, lambda target: derive_student(base, spec, target))

@@ -10,7 +10,7 @@ A name is, in the order tried:
 4. a local model directory;
 5. a Hugging Face hub id (needs network access).
 
-The cache lives in `$DISTILLQA_CACHE` (default `~/.cache/distillqa`). Every cached entry is
+The cache lives in `$DISTILLQA_CACHE` (default `~/.cache/distillqa`, see `cache.py`). Every cached entry is
 written to a temporary directory and renamed into place, so a killed conversion leaves nothing
 half-written behind, and built once by one process (the main one of a multi-process launch, or the
 first of two commands, under a lock) while the others wait and then use it.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -29,15 +28,12 @@ from typing import Callable
 
 import torch
 
+from distillqa.cache import cache_root
 from distillqa.errors import ModelError
 from distillqa.io import atomic_path, file_lock
 from distillqa.processes import launched_processes, processes
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTILLQA_CACHE", Path.home() / ".cache" / "distillqa"))
 
 
 def _smollm2_gguf(tmp: Path) -> Path:
