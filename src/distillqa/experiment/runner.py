@@ -43,7 +43,7 @@ MAY_GROW = {"held_out": held_out_added}  # for `check_config`: what may change i
 def vocabularies(cfg: ExperimentConfig) -> dict[str, bool]:
     """teacher name -> shares the student's tokenizer."""
     from distillqa.models.registry import load_tokenizer
-    from distillqa.train.distill import same_tokenizer
+    from distillqa.models.traits import same_tokenizer
 
     student = load_tokenizer(cfg.grid.student.name, cfg.grid.student.trust_remote_code)
     return {t.name: same_tokenizer(load_tokenizer(t.name), student) for t in cfg.grid.teachers}
