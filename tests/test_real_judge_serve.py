@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
+from distillqa.clients import EndpointClient, make_client
 from distillqa.config import EvaluateConfig, JudgeConfig
-from distillqa.metrics.evaluate import evaluate_predictions, make_judge
-from distillqa.metrics.judge import EndpointJudge, parse_correctness_f1, parse_faithfulness, parse_relevance
+from distillqa.metrics.evaluate import evaluate_predictions
+from distillqa.metrics.judge import parse_correctness_f1, parse_faithfulness, parse_relevance
 
 pytestmark = pytest.mark.real_models
 
@@ -28,7 +29,7 @@ ROWS = [
 ]
 
 
-class RecordingJudge(EndpointJudge):
+class RecordingJudge(EndpointClient):
     """The endpoint judge, recording each prompt's parsed result (None: every attempt unparseable)."""
 
     def ask(self, prompts, parse):
@@ -59,7 +60,7 @@ def test_judge_metrics_score_hand_written_answers_through_distillqa_serve(served
 
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     jc = JudgeConfig(url=served, model="smollm2-135m", parse_retries=1, max_tokens=48, cache=str(tmp_path / "c.sqlite"))
-    base = make_judge(jc)
+    base = make_client(jc)
     judge = RecordingJudge(jc.url, jc.model, cache=base.cache, parse_retries=1, max_tokens=48)
     judge.record = {}
     summary = evaluate_predictions(tmp_path, EvaluateConfig(metrics="judge", judge=jc), judge=judge)

@@ -459,7 +459,7 @@ def derive_student(model: str = typer.Argument(..., help="Model to prune (any mo
                    set_: Optional[list[str]] = SetOpt,
                    overwrite: bool = typer.Option(False, help="Replace OUT if it is a previous derive-student output.")) -> None:
     """Build a smaller same-vocabulary student by keeping a subset of decoder layers, optionally healed."""
-    from distillqa.models.derive import derive_student as derive
+    from distillqa.models.registry import derive_student as derive
 
     if heal_steps == 0:
         typer.echo(f"wrote {_guard(lambda: _into(out, 'derive-student', overwrite, lambda tmp: derive(model, layers, tmp)))}")

@@ -24,8 +24,8 @@ from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, DataError, RunDirError
 from distillqa.io import append_jsonl, is_empty, read_jsonl, read_partial_jsonl, write_json, write_jsonl, write_text
 from distillqa.loglik import sequence_logprobs
-from distillqa.models.lora import is_encoder_decoder
 from distillqa.models.registry import load_model, load_tokenizer
+from distillqa.models.traits import is_encoder_decoder
 
 log = logging.getLogger(__name__)
 

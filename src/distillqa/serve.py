@@ -28,10 +28,10 @@ from typing import Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from distillqa.clients import chat_prompt_ids
 from distillqa.config import GenerationConfig
 from distillqa.errors import ConfigError
 from distillqa.generate import generate_batch
-from distillqa.metrics.judge import chat_prompt_ids
 from distillqa.models.registry import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -69,7 +69,8 @@ def test_held_out_sets_are_answered_by_every_row_with_their_own_tables(tiny_mode
 
 
 def test_an_experiment_written_before_held_out_sets_existed_is_resumed(tiny_model, tmp_path):
-    from distillqa.experiment.runner import check_config
+    from distillqa.exp_dir import check_config
+    from distillqa.experiment.runner import MAY_GROW
 
     cfg = small_grid(tiny_model, tmp_path / "exp")
     old = cfg.model_dump(mode="json")
@@ -77,4 +78,4 @@ def test_an_experiment_written_before_held_out_sets_existed_is_resumed(tiny_mode
     del old["evaluate"]["judge"]["cache"]  # any option added since: it takes its default
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "experiment.yaml").write_text(yaml.safe_dump(old))
-    check_config(tmp_path / "exp", cfg)  # not refused
+    check_config(tmp_path / "exp", cfg, may_grow=MAY_GROW)  # not refused

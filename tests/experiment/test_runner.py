@@ -17,8 +17,9 @@ import yaml
 
 from distillqa.config import ExperimentConfig, load_config
 from distillqa.errors import ConfigError, RunDirError
+from distillqa.exp_dir import check_config, experiment_lock
 from distillqa.experiment.grid import plan_hypotheses, plan_rows
-from distillqa.experiment.runner import check_config, experiment_lock, run_experiment
+from distillqa.experiment.runner import run_experiment
 
 
 def tiny_grid(student: str, same: str, other: str, out: Path) -> dict:

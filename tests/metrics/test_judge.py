@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
+from distillqa.clients import EndpointClient, EndpointError, ReplyCache, make_client
 from distillqa.config import EvaluateConfig, JudgeConfig
 from distillqa.errors import ConfigError
-from distillqa.metrics.evaluate import evaluate_predictions, make_judge
-from distillqa.metrics.judge import (EndpointJudge, JudgeError, ReplyCache, parse_correctness_f1, parse_faithfulness,
-                                     parse_relevance)
+from distillqa.metrics.evaluate import evaluate_predictions
+from distillqa.metrics.judge import parse_correctness_f1, parse_faithfulness, parse_relevance
 from distillqa.serve import make_server
 
 
@@ -53,7 +53,7 @@ def test_judge_metrics_end_to_end_against_a_local_server(server, tmp_path, monke
     assert all(s["faithfulness"] is None for s in scores)
     # A rerun is answered from the cache: no new request reaches the server.
     (tmp_path / "scores.jsonl").unlink()
-    judge = make_judge(cfg.judge)
+    judge = make_client(cfg.judge)
     evaluate_predictions(tmp_path, cfg, judge=judge)
     assert server.stats["requests"] == 18 and judge.requests == 0 and judge.cache.hits == 18
     # The API key is sent, never written.
@@ -83,8 +83,8 @@ def test_unreachable_endpoint_fails_clearly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "m", retries=1, timeout=2, cache=ReplyCache(tmp_path / "c.sqlite"))
-    with pytest.raises(JudgeError, match=r"failed after 2 tries"):
+    judge = EndpointClient(f"http://127.0.0.1:{port}/v1", "m", retries=1, timeout=2, cache=ReplyCache(tmp_path / "c.sqlite"))
+    with pytest.raises(EndpointError, match=r"failed after 2 tries"):
         judge.complete_many(["hello"])
 
 
@@ -92,4 +92,4 @@ def test_judge_config_is_validated():
     with pytest.raises(ValueError, match="needs judge.model"):
         JudgeConfig(url="http://x/v1")
     with pytest.raises(ConfigError, match="NOPE_KEY is not set"):
-        EndpointJudge("http://127.0.0.1:9/v1", "m", api_key_env="NOPE_KEY", cache=None)
+        EndpointClient("http://127.0.0.1:9/v1", "m", api_key_env="NOPE_KEY", cache=None)

@@ -1,6 +1,6 @@
 """Judge metrics after a successful parse: the formulas that turn parsed replies into scores.
 
-The judge is a scripted `Judge` (its replies are written here, keyed on what the prompt asks);
+The judge is a scripted `ChatClient` (its replies are written here, keyed on what the prompt asks);
 everything else is real: the prompts, the parse-retry loop, the parsers and the bundled
 sentence encoder. Expected values are computed here from the formulas in the README with the
 encoder called directly (sentence-transformers), not through distillqa's embedding helpers.
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from distillqa.metrics.judge import (Judge, answer_correctness, answer_relevance, faithfulness, parse_correctness_f1,
+from distillqa.clients import ChatClient
+from distillqa.metrics.judge import (answer_correctness, answer_relevance, faithfulness, parse_correctness_f1,
                                      parse_faithfulness, parse_relevance)
 from distillqa.metrics.settings import EvalSettings, bundled_embedding_model
 
 
-class ScriptedJudge(Judge):
+class ScriptedJudge(ChatClient):
     """Replies chosen by `script(prompt, attempt)`; counts the requests it receives."""
 
     def __init__(self, script, parse_retries: int = 2):

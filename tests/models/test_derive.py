@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from distillqa.errors import ModelError
-from distillqa.models.derive import derive_student, parse_layer_spec
-from distillqa.models.registry import load_model, resolve_model_path
+from distillqa.models.derive import parse_layer_spec
+from distillqa.models.registry import derive_student, load_model, resolve_model_path
 
 
 def test_layer_specs():

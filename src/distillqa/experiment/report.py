@@ -15,8 +15,6 @@ not independent and are not counted as separate observations).
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 
@@ -29,8 +27,9 @@ from distillqa.experiment.grid import held_out_dir
 from distillqa.experiment.checks import as_dicts, data_vocabulary, experiment_checks, kd_vs_sft_line
 from distillqa.experiment.paper import PAPER_FINDINGS, PAPER_NOTE
 from distillqa.experiment.stats import compare, summarize_hypothesis
-from distillqa.io import atomic_path, read_jsonl, write_json, write_text
+from distillqa.io import read_jsonl, write_json, write_text
 from distillqa.metrics.registry import METRICS, resolve_metrics
+from distillqa.report_doc import save_figure, to_html, to_markdown
 
 METHOD = (
     "Per metric, paired differences over the same test questions (per question, the mean score of the hypothesis' "
@@ -217,14 +216,6 @@ def plot_effects(res: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 # --- documents --------------------------------------------------------------------------------
 def blocks(res: dict) -> list[tuple]:
     """The report as ("h1" | "h2" | "p" | "table" | "img" | "pre", ...) blocks, rendered to Markdown and HTML."""
@@ -299,49 +290,6 @@ def held_out_blocks(res: dict) -> list[tuple]:
     return out
 
 
-def to_markdown(doc: list[tuple]) -> str:
-    out = []
-    for kind, *rest in doc:
-        if kind in ("h1", "h2"):
-            out.append(("# " if kind == "h1" else "## ") + rest[0])
-        elif kind == "p":
-            out.append(rest[0])
-        elif kind == "table":
-            headers, rows = rest
-            out.append("\n".join(["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)] +
-                                 ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>") for c in row) + " |"
-                                  for row in rows]))
-        elif kind == "img":
-            out.append(f"![{rest[1]}]({rest[0]})")
-        elif kind == "pre":
-            out.append("```yaml\n" + rest[0] + "```")
-    return "\n\n".join(out) + "\n"
-
-
-def to_html(doc: list[tuple], exp: Path, title: str = "distillqa experiment report") -> str:
-    esc = html.escape
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-           "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
-           "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
-           "th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd}pre{background:#f6f6f6;padding:1em}"
-           "</style></head><body>"]
-    for kind, *rest in doc:
-        if kind in ("h1", "h2", "p"):
-            out.append(f"<{kind}>{esc(rest[0])}</{kind}>")
-        elif kind == "table":
-            headers, rows = rest
-            out.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in headers) + "</tr>" +
-                       "".join("<tr>" + "".join(f"<td>{esc(str(c)).replace(chr(10), '<br>')}</td>" for c in row) + "</tr>"
-                               for row in rows) + "</table>")
-        elif kind == "img":
-            data = base64.b64encode((exp / rest[0]).read_bytes()).decode()
-            out.append(f"<img alt='{esc(rest[1])}' src='data:image/png;base64,{data}'>")
-        elif kind == "pre":
-            out.append(f"<pre>{esc(rest[0])}</pre>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 def write_report(exp: str | Path) -> Path:
     """Compute the statistics and write results/, plots/, report.md and report.html; returns report.md."""
     exp = Path(exp)
@@ -358,5 +306,5 @@ def write_report(exp: str | Path) -> Path:
             plot_effects(res, exp / "plots" / "effects.png")
     doc = [b for b in blocks(res) if not (b[0] == "img" and not (exp / b[1]).is_file())]
     write_text(exp / "report.md", to_markdown(doc))
-    write_text(exp / "report.html", to_html(doc, exp))
+    write_text(exp / "report.html", to_html(doc, exp, title="distillqa experiment report"))
     return exp / "report.md"

@@ -16,65 +16,18 @@ metric), so a runner killed at any moment and started again ends with the same r
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import yaml
-from pydantic import BaseModel
-
-from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig, dump_config,
-                               upgraded)
-from distillqa.errors import RunDirError
+from distillqa.config import DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig
+from distillqa.exp_dir import check_config, directory_lock, experiment_lock
 from distillqa.experiment.grid import (STUDENT_SFT_DIR, Row, held_out_dir, plan_hypotheses, plan_rows, slug,
                                        teacher_sft_dir)
-from distillqa.io import write_json, write_text
-from distillqa.train.run_dir import RunDir, diff_keys
-
-
-@contextmanager
-def directory_lock(lock_file: Path, what: str) -> Iterator[None]:
-    """Hold `lock_file` (flock) while `what` runs; the OS releases it when the process dies (kill -9 too)."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirError(f"{lock_file.parent} is in use by another process {what} (pid {holder}); wait for it "
-                              "to finish or stop it, then run again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def experiment_lock(exp: Path):
-    """EXP/.lock, held for the whole run: a second runner on the same directory is refused."""
-    return directory_lock(exp / ".lock", "running an experiment there")
-
-
-def check_config(exp: Path, cfg: BaseModel, mutable: tuple[str, ...] = ("stats.",)) -> None:
-    """Write experiment.yaml, or refuse if the directory holds an experiment with another config.
-    Only keys starting with a `mutable` prefix may change between runs: they affect the
-    statistics, which are recomputed, and nothing else."""
-    path, text = exp / "experiment.yaml", dump_config(cfg)
-    if path.is_file():
-        old, new = upgraded(type(cfg), yaml.safe_load(path.read_text())), yaml.safe_load(text)
-        diff = [k for k in diff_keys(old, new) if not k.startswith(mutable)]
-        if diff == ["held_out"] and held_out_added(old["held_out"], new["held_out"]):
-            diff = []
-        if diff:
-            raise RunDirError(f"{exp} holds an experiment with a different config ({', '.join(diff)}); "
-                              "choose another output_dir or delete it")
-    write_text(path, text)
+from distillqa.io import write_json
+from distillqa.train.run_dir import RunDir
 
 
 def held_out_added(old: list[dict], new: list[dict]) -> bool:
@@ -84,10 +37,13 @@ def held_out_added(old: list[dict], new: list[dict]) -> bool:
     return all(by_name.get(h["name"]) == h for h in old)
 
 
+MAY_GROW = {"held_out": held_out_added}  # for `check_config`: what may change in a rerun besides `stats.*`
+
+
 def vocabularies(cfg: ExperimentConfig) -> dict[str, bool]:
     """teacher name -> shares the student's tokenizer."""
     from distillqa.models.registry import load_tokenizer
-    from distillqa.train.distill import same_tokenizer
+    from distillqa.models.traits import same_tokenizer
 
     student = load_tokenizer(cfg.grid.student.name, cfg.grid.student.trust_remote_code)
     return {t.name: same_tokenizer(load_tokenizer(t.name), student) for t in cfg.grid.teachers}
@@ -122,7 +78,8 @@ def healing(cfg: ExperimentConfig):
     """(DeriveConfig, corpus, cached run directory) of the grid's healed student, or None when the
     student is used as it is (not a `@layers=` student, or `grid.heal.steps` is 0)."""
     from distillqa.config import DeriveConfig
-    from distillqa.models.registry import cache_root, load_tokenizer
+    from distillqa.cache import cache_root
+    from distillqa.models.registry import load_tokenizer
     from distillqa.train.heal import heal_key, healing_corpus
 
     name, heal = cfg.grid.student.name, cfg.grid.heal
@@ -240,7 +197,7 @@ def run_experiment(cfg: ExperimentConfig, echo: Callable[[str], None] | None = N
     rows = plan_rows(cfg, vocabularies(cfg))  # an invalid grid fails here, before the directory is claimed
     hypotheses = plan_hypotheses(cfg, rows)
     with experiment_lock(exp):
-        check_config(exp, cfg)
+        check_config(exp, cfg, may_grow=MAY_GROW)
         write_json(exp / "plan.json", {"rows": [{"name": r.name, "kind": r.kind, "factors": r.factors} for r in rows],
                                        "hypotheses": [asdict(h) for h in hypotheses]})
         plan = plan_stages(cfg, exp, rows)

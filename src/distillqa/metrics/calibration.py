@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distillqa.clients import make_client
 from distillqa.config import EvaluateConfig
 from distillqa.errors import ConfigError
 from distillqa.io import write_json, write_jsonl
-from distillqa.metrics.evaluate import check_needs, is_skipped, make_judge, read_predictions
+from distillqa.metrics.evaluate import check_needs, is_skipped, read_predictions
 from distillqa.metrics.registry import resolve_metrics
 from distillqa.metrics.settings import EvalSettings
 
@@ -56,7 +57,7 @@ def calibrate_judge(predictions: str | Path, cfg: EvaluateConfig, judge_metrics:
         raise ConfigError(f"--against: n-gram, lexical or embedding metrics only, got '{against}'")
     rows = [r for r in read_predictions(path) if not is_skipped(r)][:limit]
     check_needs(path, rows, references)
-    judge = judge or make_judge(cfg.judge)
+    judge = judge or make_client(cfg.judge)
     if judge is None:
         raise ConfigError("judge calibration needs a judge: pass --judge-url and --judge-model, or --judge-local MODEL")
     settings = EvalSettings(cfg.embedding_model, cfg.bertscore_layers, cfg.batch_size, judge=judge)

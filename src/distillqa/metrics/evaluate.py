@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from distillqa.config import EvaluateConfig, JudgeConfig
-from distillqa.errors import ConfigError, DataError
+from distillqa.clients import make_client
+from distillqa.config import EvaluateConfig
+from distillqa.errors import DataError
 from distillqa.io import read_jsonl, write_json, write_jsonl
 from distillqa.metrics.registry import METRICS, resolve_metrics
 from distillqa.metrics.settings import EvalSettings
@@ -131,23 +131,6 @@ def _old_scores(scores_path: Path, summary_path: Path, digest: str, rows: list[d
     return old if set(old) == {r["id"] for r in rows} else {}
 
 
-def make_judge(cfg: JudgeConfig):
-    from distillqa.metrics.judge import EndpointJudge, LocalJudge, ReplyCache, check_url
-    from distillqa.models.registry import cache_root
-
-    if not (cfg.url or cfg.local_model):
-        return None
-    if cfg.url:
-        check_url(cfg.url)  # before the cache file is created
-    if cfg.url and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
-        raise ConfigError(f"judge.api_key_env: environment variable {cfg.api_key_env} is not set")
-    cache = ReplyCache(cfg.cache or cache_root() / "judge.sqlite")
-    common = dict(cache=cache, concurrency=cfg.concurrency, parse_retries=cfg.parse_retries, max_tokens=cfg.max_tokens)
-    if cfg.local_model:
-        return LocalJudge(cfg.local_model, **common)
-    return EndpointJudge(cfg.url, cfg.model, cfg.api_key_env, timeout=cfg.timeout, retries=cfg.retries, **common)
-
-
 def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = None, judge=None,
                          settings: EvalSettings | None = None) -> dict:
     """Score `predictions` (a file, or a directory holding predictions.jsonl); returns the summary.
@@ -175,7 +158,7 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
     needs_judge = any(m.family == "judge" and not all(m.name in t for t in table) for m in metrics)
     settings = settings or EvalSettings(cfg.embedding_model, cfg.bertscore_layers, cfg.batch_size)
     if needs_judge and settings.judge is None:
-        settings.judge = judge or make_judge(cfg.judge)
+        settings.judge = judge or make_client(cfg.judge)
     for metric in tqdm(metrics, desc="evaluate", unit="metric"):
         if all(metric.name in t for t in table):
             continue

@@ -88,8 +88,8 @@ def _wordnet():
     """WordNet for METEOR, read from Debian's wordnet-base files (or nltk_data if present)."""
     import nltk
 
+    from distillqa.cache import cache_root
     from distillqa.errors import ConfigError
-    from distillqa.models.registry import cache_root
 
     for d in map(Path, WORDNET_DIRS):
         if (d / "data.noun").is_file():

@@ -23,7 +23,7 @@ def bundled_embedding_model() -> str:
 class EvalSettings:
     """`embedding_model`: a local sentence-transformers directory (or hub id) used for cosine,
     BERTScore and the judge metrics' semantic parts; `bertscore_layers`: the layer BERTScore
-    reads (default: the model's last); `judge`: a Judge, needed only by judge metrics."""
+    reads (default: the model's last); `judge`: a chat client (`clients.py`), needed only by judge metrics."""
 
     embedding_model: str | None = None
     bertscore_layers: int | None = None

@@ -1,20 +1,21 @@
-"""Layer-pruned students: keep a subset of a model's decoder layers (same vocabulary).
+"""Layer-pruned students: keep a subset of a loaded model's decoder layers (same vocabulary).
 
 `every-other` keeps layers 0, 2, 4, ... (SmolLM2's 30 layers become 15). An explicit spec
 lists indices and ranges: `0-3,8,12-14`. A measured spec, `angular:K` or `block-influence:K`,
 keeps K layers ranked on calibration text (see `importance.py`); a model name such as
-`smollm2-135m@layers=angular:20` calibrates on the bundled telecom sample's prompts.
+`smollm2-135m@layers=angular:20` calibrates on the bundled telecom sample's prompts. A model
+name with `@layers=` is built from these by the registry (`registry.derive_student`).
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from torch import nn
 
 from distillqa.errors import ModelError
-from distillqa.io import atomic_path
+from distillqa.models.importance import MEASURED_SPEC, choose_layers
+from distillqa.models.traits import decoder_layers
 
 
 def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
@@ -31,14 +32,6 @@ def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
     if not keep or sorted(set(keep)) != keep or keep[-1] >= num_layers:
         raise ModelError(f"layer spec '{spec}': indices must be increasing, unique and below {num_layers}")
     return keep
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ModelError(f"{type(model).__name__}: cannot find decoder layers at model.model.layers")
-    return layers
 
 
 def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
@@ -58,16 +51,12 @@ def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
 
 
 def is_measured(spec: str) -> bool:
-    from distillqa.models.importance import MEASURED_SPEC
-
     return bool(MEASURED_SPEC.fullmatch(spec.strip()))
 
 
 def select_layers(model: nn.Module, spec: str, calibration: list[dict] | None = None) -> tuple[list[int], dict]:
     """The layers `spec` keeps, and how they were chosen (with the measurements, for measured
     specs, which need `calibration`: token batches with input_ids and attention_mask)."""
-    from distillqa.models.importance import choose_layers
-
     if not is_measured(spec):
         return parse_layer_spec(spec, model.config.num_hidden_layers), {"method": "explicit", "spec": spec}
     if not calibration:
@@ -85,24 +74,3 @@ def bundled_calibration(tok, count: int = 32) -> list[dict]:
     builder = PromptBuilder(tok, prompt.template, prompt.instruction, prompt.max_length)
     encoded = [e for ex in load_splits(DataConfig())[0]["train"][:count] if (e := builder.encode_train(ex))]
     return [collate_right(encoded[i : i + 8], tok.pad_token_id) for i in range(0, len(encoded), 8)]
-
-
-def derive_student(base: str, spec: str, out_dir: str | Path) -> Path:
-    """Write a pruned copy of model `base` to `out_dir` (atomically) and return it."""
-    from distillqa.models.registry import load_model, load_tokenizer
-
-    model, tok = load_model(base, precision="fp32"), load_tokenizer(base)
-    keep, _ = select_layers(model, spec, bundled_calibration(tok) if is_measured(spec) else None)
-    prune_layers(model, keep)
-    out = Path(out_dir)
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    return out
-
-
-def cached_student(base: str, spec: str) -> Path:
-    from distillqa.models.registry import build_once, cache_root
-
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}@layers={spec}").strip("_")
-    return build_once(cache_root() / "derived" / safe, lambda target: derive_student(base, spec, target))

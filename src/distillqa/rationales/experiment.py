@@ -30,7 +30,7 @@ import yaml
 
 from distillqa.config import RationaleExperimentConfig
 from distillqa.errors import ConfigError
-from distillqa.experiment.runner import check_config, experiment_lock
+from distillqa.exp_dir import check_config, experiment_lock
 from distillqa.io import read_jsonl, write_json, write_jsonl
 from distillqa.processes import processes
 from distillqa.rationales.data import RationaleExample, read_rationales
@@ -66,7 +66,7 @@ def train_cell(cfg: RationaleExperimentConfig, path: Path, prompts: TaskPrompts,
     from distillqa.models.lora import apply_lora
     from distillqa.models.registry import load_model
     from distillqa.train.loop import train as train_loop
-    from distillqa.train.sft import save_final
+    from distillqa.train.run_dir import save_final
 
     weights = task_weights(method, cfg.alpha, cfg.beta, cfg.gamma)
     items, skipped = training_items(prompts, train, weights, rationale_type, seed)

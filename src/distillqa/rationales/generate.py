@@ -8,8 +8,8 @@ counterfactual rationales for multiple-choice questions.
   instruction (first line kept); the last rewrite is the revised rationale;
 - counterfactuals: the rationale prompt once per choice, with that choice as the answer.
 
-The teacher is any model name (run locally) or an OpenAI-compatible endpoint: the judge clients
-of the evaluation suite, with their reply cache, concurrency and retries. Questions are done
+The teacher is any model name (run locally) or an OpenAI-compatible endpoint: a chat client
+(`clients.py`, as the judge metrics use), with its reply cache, concurrency and retries. Questions are done
 `batch_size` at a time, each batch's rows appended to OUTPUT.partial.jsonl, which is renamed to
 OUTPUT when all are done: a killed run continues with the questions it has not written, and
 the reply cache means no prompt is sent twice. Every row records its provenance.
@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from distillqa.clients import make_client
 from distillqa.config import RationaleGenerateConfig, dump_config
 from distillqa.data import load_examples
 from distillqa.data.records import QAExample
@@ -102,8 +103,6 @@ def generate_batch_rows(teacher, prompts: Prompts, batch: list[QAExample], cfg: 
 
 
 def run_rationale_generate(cfg: RationaleGenerateConfig) -> Path:
-    from distillqa.metrics.evaluate import make_judge
-
     if not (cfg.teacher.local_model or cfg.teacher.url):
         raise ConfigError("teacher: set teacher.local_model (a model name) or teacher.url and teacher.model (an endpoint)")
     out = Path(cfg.output)
@@ -124,7 +123,7 @@ def run_rationale_generate(cfg: RationaleGenerateConfig) -> Path:
     if not examples:
         raise ConfigError(f"data.source: {cfg.data.source} has no multiple-choice questions")
     templates = load_templates(cfg.templates)
-    teacher = make_judge(cfg.teacher)
+    teacher = make_client(cfg.teacher)
     write_text(config_path, dump_config(cfg))  # only once the data and the teacher are ready: a failed start leaves nothing
     provenance = {"teacher": cfg.teacher.local_model or f"{cfg.teacher.model} at {cfg.teacher.url}",
                   "template_version": templates["version"],

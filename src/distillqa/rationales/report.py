@@ -10,9 +10,9 @@ import numpy as np
 import yaml
 
 from distillqa.errors import RunDirError
-from distillqa.experiment.report import save_figure, to_html, to_markdown
 from distillqa.io import write_json, write_text
 from distillqa.rationales.stats import anova, iqr_filter
+from distillqa.report_doc import save_figure, to_html, to_markdown
 
 
 def plot_accuracy(runs: list[dict], path: Path) -> None:
@@ -85,7 +85,7 @@ def write_rationale_report(exp: str | Path) -> Path:
             doc.append(("table", list(rows[0]), [[_fmt(v) for v in r.values()] for r in rows]))
     doc += [("h2", "Configuration"), ("pre", yaml.safe_dump(cfg, sort_keys=False))]
     write_text(exp / "report.md", to_markdown(doc))
-    write_text(exp / "report.html", to_html(doc, exp))
+    write_text(exp / "report.html", to_html(doc, exp, title="distillqa experiment report"))
     return exp / "report.md"
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from distillqa.data.prompts import IGNORE, Encoded, PromptBuilder, collate_right
 from distillqa.data.records import QAExample
-from distillqa.models.lora import is_encoder_decoder
+from distillqa.models.traits import is_encoder_decoder
 from distillqa.rationales.data import RationaleExample
 from distillqa.train.objectives import answer_states, project_to_vocab
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from distillqa.errors import RunDirError
-from distillqa.experiment.report import save_figure, to_html, to_markdown
 from distillqa.io import write_json, write_text
+from distillqa.report_doc import save_figure, to_html, to_markdown
 from distillqa.study.analysis import ALPHA, OUTCOME, analyze_ratings
 from distillqa.study.design import Study
 from distillqa.study.store import Store

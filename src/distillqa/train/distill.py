@@ -17,23 +17,18 @@ from distillqa.errors import ConfigError, DataError
 from distillqa.generate import stored_answers
 from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
+from distillqa.models.traits import same_tokenizer
 from distillqa.processes import processes
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
 from distillqa.train.kd import ULD, VanillaKD
 from distillqa.train.loop import examples_trained_on, train
 from distillqa.train.losses import DIVERGENCES
 from distillqa.train.objectives import SFTObjective
-from distillqa.train.run_dir import RunDir
-from distillqa.train.sft import save_final
+from distillqa.train.run_dir import RunDir, save_final
 
 log = logging.getLogger(__name__)
 
 SAME_VOCAB = ("vanilla", "dskd")
-
-
-def same_tokenizer(a, b) -> bool:
-    """Same token-to-id mapping (not only the same size) and the same special tokens."""
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
 def make_divergence(cfg: KDConfig):

@@ -30,8 +30,7 @@ from distillqa.processes import processes
 from distillqa.train.kd import VanillaKD
 from distillqa.train.loop import train
 from distillqa.train.losses import DIVERGENCES
-from distillqa.train.run_dir import RunDir
-from distillqa.train.sft import save_final
+from distillqa.train.run_dir import RunDir, save_final
 
 log = logging.getLogger(__name__)
 

@@ -131,6 +131,21 @@ class RunDir:
         launch.wait_for_everyone()
 
 
+def save_final(run: RunDir, model, tok, lora: bool, extra=None, keep_checkpoints: bool = False) -> None:
+    """Write final/: the adapter (LoRA) or the whole model, the tokenizer, and `extra(tmp)` if given;
+    the checkpoints are removed unless `keep_checkpoints`."""
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if not lora:
+            tok.save_pretrained(tmp / "model")
+        if extra:
+            extra(tmp)
+
+    run.write_final(save, keep_checkpoints)
+
+
 def diff_keys(old, new, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []

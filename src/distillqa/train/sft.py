@@ -16,7 +16,7 @@ from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train.loop import train
 from distillqa.train.objectives import SFTObjective
-from distillqa.train.run_dir import RunDir
+from distillqa.train.run_dir import RunDir, save_final
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,3 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     train(model, SFTObjective(), data, cfg.train, run, partial(collate_right, pad_id=tok.pad_token_id))
     save_final(run, model, tok, lora=cfg.lora.enabled, keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
     return run.path
-
-
-def save_final(run: RunDir, model, tok, lora: bool, extra=None, keep_checkpoints: bool = False) -> None:
-    """Write final/: the adapter (LoRA) or the whole model, the tokenizer, and `extra(tmp)` if given;
-    the checkpoints are removed unless `keep_checkpoints`."""
-
-    def save(tmp: Path) -> None:
-        model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if not lora:
-            tok.save_pretrained(tmp / "model")
-        if extra:
-            extra(tmp)
-
-    run.write_final(save, keep_checkpoints)
