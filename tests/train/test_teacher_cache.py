@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from distillqa.cli import app
 from distillqa.config import CacheSettings, DistillConfig, TeacherCacheConfig, load_config
 from distillqa.data.prompts import collate_right
-from distillqa.errors import ConfigError, DataError
+from distillqa.errors import ConfigError, DataError, RunDirError
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train import teacher_cache as tc
 from distillqa.train.distill import run_distill
@@ -179,7 +179,7 @@ def test_a_killed_cache_resumes_and_ends_byte_identical(tiny_model, tmp_path, mo
     assert len(files) == 5  # plan, manifest, 3 shards
     for f in files:
         assert (whole / f).read_bytes() == (resumed / f).read_bytes(), f
-    with pytest.raises(Exception, match="something else"):  # a rerun with other settings is refused
+    with pytest.raises(RunDirError, match="something else"):  # a rerun with other settings is refused
         build(tiny_model, tmp_path / "killed", "cache.method=sampling", "cache.samples=7")
 
 

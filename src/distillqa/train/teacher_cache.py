@@ -86,6 +86,8 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> Path:
     if not examples:
         raise DataError(cfg.data.source, None, None, f"no training example fits prompt.max_length ({cfg.prompt.max_length} "
                         "tokens) even without its context; raise prompt.max_length")
+    if cfg.cache.method == "topk" and cfg.cache.k > len(tok):
+        raise ConfigError(f"cache.k: {cfg.cache.k} is more than the teacher's {len(tok)} tokens")
     out, plan = Path(cfg.output_dir), cache_plan(cfg.teacher.name, tok, cfg.prompt, cfg.data, examples, cfg.cache)
     check_claimed_dir(out, "plan.json", "teacher cache")
     with file_lock(out / ".lock"):  # a second builder waits, then finds the shards written
@@ -100,8 +102,6 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> Path:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher.to(device)
         vocab = teacher.get_output_embeddings().weight.shape[0]
-        if cfg.cache.method == "topk" and cfg.cache.k > vocab:
-            raise ConfigError(f"cache.k: {cfg.cache.k} is more than the teacher's {vocab} tokens")
         write_json(out / "plan.json", plan)
         starts = range(0, len(examples), cfg.cache.shard_examples)
         shards = [(i, a, min(a + cfg.cache.shard_examples, len(examples))) for i, a in enumerate(starts)]
