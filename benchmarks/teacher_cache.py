@@ -57,7 +57,7 @@ def main() -> None:
     tokens, vocab = logp.shape
     full_kl = (logp.exp() * (logp - logq)).sum(-1)
     print(f"{len(examples)} training questions, {tokens} answer tokens, vocabulary {vocab}; teacher {TEACHER}, student {STUDENT}")
-    print(f"{'option':14s} {'KL(p||p^)':>10s} {'KL(p^||p)':>10s} {'KD bias':>9s} {'bytes/token':>12s} {'write tok/s':>12s}")
+    print(f"{'option':20s} {'KL(p||p^)':>10s} {'KL(p^||p)':>10s} {'KD bias':>9s} {'bytes/token':>12s} {'write tok/s':>12s}")
 
     options = [("topk", {"k": k}) for k in (8, 32, 128)] + [("sampling", {"samples": a.samples})]
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +85,7 @@ def main() -> None:
             q = p_hat.exp()
             reverse = torch.where(q > 0, q * (p_hat - logp), torch.zeros_like(q)).sum(-1).mean().item()
             size_bytes = sum(f.stat().st_size for f in (out / "shards").iterdir())
-            print(f"{name:14s} {forward:10.4f} {reverse:10.4f} {(bias - full_kl).mean().item():+9.4f} "
+            print(f"{name:20s} {forward:10.4f} {reverse:10.4f} {(bias - full_kl).mean().item():+9.4f} "
                   f"{size_bytes / tokens:12.1f} {tokens / seconds:12.1f}")
         print(f"full KL(p || q) of the student: {full_kl.mean().item():.4f} (the target the KD bias is measured against)")
 
