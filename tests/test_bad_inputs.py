@@ -271,6 +271,13 @@ CASES = [
                                               "--set", f"output_dir={d}/g"], ["cachefile", "Not a directory"]),
     Case("output-dir-under-a-file", lambda d, m: gen(d, m, data_file(d, "d.jsonl", GOOD), "--set", f"output_dir={data_file(d, 'f', 'x')}/sub"),
          ["f/sub", "Not a directory"]),
+    Case("teacher-cache-into-user-dir", lambda d, m: ["teacher", "cache", "--set", f"teacher.name={m['plain']}", "--set",
+                                                      f"output_dir={user_dir(d)}"], ["mine", "teacher cache"]),
+    Case("teacher-cache-k-above-vocabulary", lambda d, m: ["teacher", "cache", "--set", f"teacher.name={m['plain']}", "--set",
+                                                           "cache.k=100000", "--set", f"output_dir={d}/c"], ["cache.k", "100000"]),
+    Case("distill-from-missing-teacher-cache", lambda d, m: ["distill", "--set", f"teacher.name={m['plain']}", "--set",
+                                                             f"student.name={m['plain']}", "--set", f"kd.teacher_cache={d}/nope",
+                                                             "--set", f"output_dir={d}/kd"], ["nope", "manifest.json"]),
     Case("rationales-generate-onto-user-file", lambda d, m: ["rationales", "generate", "--set", f"output={data_file(d, 'o.jsonl', 'mine')}",
                                                              "--set", f"teacher.local_model={m['chat']}"], ["o.jsonl", "not written by"]),
 ]

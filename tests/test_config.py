@@ -44,7 +44,7 @@ def test_lora_paper_preset_and_explicit_fields_win():
     assert LoraConfig.model_validate({"preset": "paper", "r": 8}).r == 8
 
 
-@pytest.mark.parametrize("command", ["sft", "distill", "generate", "evaluate", "experiment", "rationales",
+@pytest.mark.parametrize("command", ["sft", "distill", "generate", "evaluate", "experiment", "teacher-cache", "rationales",
                                      "rationales-generate"])
 def test_described_config_round_trips_to_the_defaults(command, tmp_path):
     from distillqa.config import SCHEMAS, describe_config
@@ -52,7 +52,7 @@ def test_described_config_round_trips_to_the_defaults(command, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(describe_config(SCHEMAS[command]))
     assert load_config(SCHEMAS[command], path) == SCHEMAS[command]()
-    assert "# Peak learning rate." in path.read_text() or command in ("generate", "evaluate", "rationales-generate")
+    assert "# Peak learning rate." in path.read_text() or command in ("generate", "evaluate", "teacher-cache", "rationales-generate")
 
 
 def test_experiment_presets_fill_in_and_explicit_keys_win():

@@ -145,3 +145,22 @@ def test_real_student_trains_and_answers_from_llama2_rationales(tmp_path):
         preds = (exp / "answers" / cell / "predictions.jsonl").read_text().splitlines()
         assert len(preds) == 4
     assert "no residual degrees of freedom" in (exp / "report.md").read_text()
+
+
+def test_kd_from_a_teacher_cache_of_the_real_teacher(tmp_path, monkeypatch):
+    """SmolLM2 cached once (top-16 + tail), then the 15-layer student distilled from the cache without the teacher."""
+    import distillqa.train.distill as distill
+    from distillqa.config import DistillConfig, TeacherCacheConfig
+    from distillqa.train.teacher_cache import TeacherCache, run_teacher_cache
+
+    common = ["data.max_train_examples=4", "prompt.max_length=256"]
+    cache = run_teacher_cache(load_config(TeacherCacheConfig, None, common + [f"output_dir={tmp_path}/cache"]))
+    manifest = TeacherCache(cache).manifest
+    assert manifest["vocab_size"] == 49152 and manifest["k"] == 16 and manifest["examples"] == 4
+    real, loaded = distill.load_model, []
+    monkeypatch.setattr(distill, "load_model", lambda name, *a: loaded.append(name) or real(name, *a))
+    run = distill.run_distill(load_config(DistillConfig, None, common + [
+        "student.name=smollm2-135m@layers=every-other", f"kd.teacher_cache={cache}", f"output_dir={tmp_path}/kd",
+        "train.max_steps=1", "train.batch_size=2", "lora.r=4"]))
+    assert loaded == ["smollm2-135m@layers=every-other"]
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"

@@ -145,6 +145,20 @@ def judge_calibrate(predictions: str = typer.Argument(..., help="predictions.jso
     typer.echo(f"wrote {out}/calibration.json")
 
 
+teacher_app = typer.Typer(no_args_is_help=True, help="Teacher outputs computed once, for KD without the teacher.")
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("cache")
+def teacher_cache(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """Run a teacher once over the training answers and store its top-k (or sampled) log-probabilities (resumable)."""
+    from distillqa.config import TeacherCacheConfig, load_config
+    from distillqa.train.teacher_cache import run_teacher_cache
+
+    path = _guard(lambda: run_teacher_cache(load_config(TeacherCacheConfig, config, set_)))
+    typer.echo(f"finished: {path} (use it with --set kd.teacher_cache={path})")
+
+
 experiment_app = typer.Typer(no_args_is_help=True, help="The teacher x student x algorithm x vocabulary grid, statistics, report.")
 app.add_typer(experiment_app, name="experiment")
 
@@ -414,7 +428,7 @@ def serve(model: str = typer.Argument(..., help="Any model name: registry, run d
 
 
 @app.command("config")
-def show_config(command: str = typer.Argument(..., help="sft, distill, generate, evaluate, experiment, rationales or rationales-generate.")) -> None:
+def show_config(command: str = typer.Argument(..., help="sft, distill, generate, evaluate, experiment, teacher-cache, rationales or rationales-generate.")) -> None:
     """Print every config key of a command with its default and description, as YAML."""
     from distillqa.config import SCHEMAS, describe_config
 

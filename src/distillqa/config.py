@@ -173,6 +173,46 @@ class KDConfig(Section):
     answer_tokens: int = Field(48, ge=1, description="seqkd: new tokens per teacher answer.")
     teacher_answers: str | None = Field(None, description="seqkd: JSONL store of the teacher's answers, shared by the runs "
                                         "that name it (default: teacher_answers.jsonl in the run directory).")
+    teacher_cache: str | None = Field(None, description="A `distillqa teacher cache` directory: vanilla KD reads the "
+                                      "teacher's sparse distributions from it instead of loading the teacher (its "
+                                      "manifest must match teacher.name, the student's tokenizer, data and prompt; "
+                                      "temperature 1; a sampling cache needs divergence forward_kl).")
+
+    @model_validator(mode="after")
+    def _cache_fits(self):
+        if self.teacher_cache and self.algorithm != "vanilla":
+            raise ValueError(f"teacher_cache: only 'vanilla' KD trains from a cache, not '{self.algorithm}' (DSKD and "
+                             "DSKD-CMA need the teacher's hidden states, ULD the teacher's own tokenisation)")
+        if self.teacher_cache and self.temperature != 1:
+            raise ValueError("teacher_cache: a cache holds log-probabilities at temperature 1, whose tail mass at another "
+                             f"temperature is unknown; set temperature=1 (got {self.temperature:g})")
+        return self
+
+
+class CacheSettings(Section):
+    """What a teacher cache stores per answer token (`distillqa teacher cache`, `grid.teacher_cache`)."""
+
+    method: Literal["topk", "sampling"] = Field(
+        "topk", description="`topk`: the k most likely tokens and the log of the remaining mass (a tail bucket); "
+        "`sampling`: `samples` tokens drawn from the teacher with replacement, with weights count / samples "
+        "(an unbiased forward-KL target, Anshumann et al. 2025).")
+    k: int = Field(16, ge=1, description="topk: tokens kept per answer token (16 x (4 + 2) + 4 = 100 bytes at float16, plus 8 per example).")
+    samples: int = Field(32, ge=1, le=4096, description="sampling: draws per answer token.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Storage type of the log-probabilities "
+                                                              "(the tail is always float32).")
+    shard_examples: int = Field(256, ge=1, description="Training examples per shard (the unit written, checked and resumed).")
+    batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
+    seed: int = Field(0, description="Seed of the sampling draws (per example, so a resumed cache is identical).")
+
+
+class TeacherCacheConfig(Section):
+    """`distillqa teacher cache`: the teacher's sparse distributions on the training answers, once, for KD without it."""
+
+    teacher: ModelConfig = Field(default_factory=ModelConfig, description="The teacher (any model name or finished run directory).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Its training split is cached (the KD run's own data config).")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="The KD run's prompt settings.")
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    output_dir: str = Field("runs/teacher-cache", description="Cache directory (manifest.json, shards/); rerun to resume.")
 
 
 class HealConfig(Section):
@@ -273,6 +313,9 @@ class GridConfig(Section):
         "vocabulary is detected from the tokenizers.")
     teacher_states: list[State] = Field(["base", "sft"], min_length=1, description="Teacher as it is and/or SFT'd first.")
     student_states: list[State] = Field(["base", "sft"], min_length=1, description="Student as it is and/or SFT'd first.")
+    teacher_cache: bool = Field(False, description="Cache each teacher state once (EXP/teacher_cache/, `distill.cache` "
+                                "settings) and train every vanilla KD cell from it without loading the teacher. It pays "
+                                "when the cells of a teacher state together see more examples than the training split holds.")
 
     @field_validator("teachers")
     @classmethod
@@ -292,6 +335,7 @@ class DistillStageConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="The teacher caches of `grid.teacher_cache`.")
 
 
 class StatsConfig(Section):
@@ -409,6 +453,12 @@ class ExperimentConfig(Section):
         names = [h.name for h in self.held_out]
         if len(set(names)) != len(names):
             raise ValueError(f"held_out: names must be unique, got {names}")
+        if self.grid.teacher_cache and self.distill.kd.temperature != 1:
+            raise ValueError("grid.teacher_cache: a teacher cache holds log-probabilities at temperature 1; "
+                             f"set distill.kd.temperature=1 (got {self.distill.kd.temperature:g})")
+        if self.grid.teacher_cache and self.distill.cache.method == "sampling" and self.distill.kd.divergence != "forward_kl":
+            raise ValueError("grid.teacher_cache: a sampling cache is an unbiased target for forward KL only; set "
+                             "distill.kd.divergence=forward_kl or distill.cache.method=topk")
         if self.preset == "cpu" and self.data.source.startswith("bundled:"):
             raise ValueError("preset 'cpu' needs data.source: the path of your QA file (e.g. TeleQuAD-v4-full.json)")
         specs = [self.evaluate.metrics] + [h.metrics for h in self.held_out if h.metrics]
@@ -566,7 +616,7 @@ def upgraded(schema: type[BaseModel], raw: Any) -> Any:
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig,
-    "experiment": ExperimentConfig, "rationales": RationaleExperimentConfig,
+    "experiment": ExperimentConfig, "teacher-cache": TeacherCacheConfig, "rationales": RationaleExperimentConfig,
     "rationales-generate": RationaleGenerateConfig,
 }
 

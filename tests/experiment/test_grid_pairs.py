@@ -151,7 +151,7 @@ def test_sequence_kd_cells_pair_within_their_family_and_share_one_answers_store_
     assert "vocabulary" not in hyps  # vanilla vs seqkd would change the algorithm family with the vocabulary
     rows, hyps = plan(**{"grid.teachers": [{"name": T1, "algorithms": ["seqkd"]}, {"name": T2, "algorithms": ["seqkd"]}]})
     assert hyps["vocabulary"] == {(c("seqkd", T1, ts, ss), c("seqkd", T2, ts, ss)) for ts in STATES for ss in STATES}
-    stores = {name: cell_kd(tmp_path, row.factors)["teacher_answers"] for name, row in rows.items() if row.kind == "cell"}
+    stores = {name: cell_kd(tmp_path, row.factors, None)["teacher_answers"] for name, row in rows.items() if row.kind == "cell"}
     for teacher in (T1, T2):
         for ts in STATES:
             assert stores[c("seqkd", teacher, ts, "base")] == stores[c("seqkd", teacher, ts, "sft")]

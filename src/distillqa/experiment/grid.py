@@ -52,6 +52,11 @@ def teacher_sft_dir(teacher: str) -> str:
     return f"sft/teacher-{slug(teacher)}"
 
 
+def teacher_cache_dir(teacher: str, state: str) -> str:
+    """Where `grid.teacher_cache` keeps a teacher state's cache, read by every vanilla cell of that state."""
+    return f"teacher_cache/teacher-{slug(teacher)}-{state}"
+
+
 STUDENT_SFT_DIR = "sft/student"
 
 

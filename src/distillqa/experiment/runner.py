@@ -4,6 +4,8 @@
       experiment.yaml            the resolved config (a rerun with another config is refused)
       .lock                      held while a runner works here (a second runner is refused)
       sft/teacher-NAME/, sft/student/      SFT runs, shared by every cell that needs them
+      teacher_cache/teacher-NAME-STATE/    with grid.teacher_cache: each teacher state's cache, read by
+                                 every vanilla cell of that state
       cells/CELL/                distillation runs
       rows/ROW/                  predictions.jsonl, scores.jsonl, summary.json of each row
       held_out/SET/ROW/          the same for each extra test set (`held_out`)
@@ -19,13 +21,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from distillqa.config import DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig
+from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig,
+                               TeacherCacheConfig)
 from distillqa.exp_dir import check_config, directory_lock, experiment_lock
 from distillqa.experiment.grid import (STUDENT_SFT_DIR, Row, held_out_dir, plan_hypotheses, plan_rows, slug,
-                                       teacher_sft_dir)
+                                       teacher_cache_dir, teacher_sft_dir)
 from distillqa.io import write_json
 from distillqa.train.run_dir import RunDir
 
@@ -103,6 +107,7 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
     from distillqa.train.sft import run_sft
 
     from distillqa.train.heal import run_heal
+    from distillqa.train.teacher_cache import run_teacher_cache
 
     shared = dict(data=cfg.data, prompt=cfg.prompt)
     student = cfg.grid.student
@@ -141,6 +146,19 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
                 model=student_cfg(row.factors["student_state"]), lora=cfg.distill.lora, train=cfg.distill.train,
                 output_dir=row_model(student_base, exp, row), **shared), run_sft))
 
+    # grid.teacher_cache: each teacher state of a vanilla cell is run once, into a cache every such cell reads.
+    caches: dict[tuple[str, str], Path] = {}
+    for row in rows:
+        f = row.factors
+        if cfg.grid.teacher_cache and row.kind == "cell" and f["algorithm"] == "vanilla":
+            key = (f["teacher"], f["teacher_state"])
+            if key not in caches:
+                caches[key] = path = exp / teacher_cache_dir(*key)
+                cache_cfg = TeacherCacheConfig(teacher=ModelConfig(name=teacher_model(exp, *key)), cache=cfg.distill.cache,
+                                               output_dir=str(path), **shared)
+                sft_stages.append(Stage(f"teacher cache {path.relative_to(exp)}", (path / "manifest.json").is_file,
+                                        partial(run_teacher_cache, cache_cfg)))
+
     settings = EvalSettings(cfg.evaluate.embedding_model, cfg.evaluate.bertscore_layers, cfg.evaluate.batch_size)
     plan = [("sft", sft_stages)]
 
@@ -154,10 +172,11 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
         stages = []
         if row.kind == "cell":
             f = row.factors
+            cache = caches.get((f["teacher"], f["teacher_state"])) if f["algorithm"] == "vanilla" else None
             stages.append(training("distill", DistillConfig(
                 teacher=ModelConfig(name=teacher_model(exp, f["teacher"], f["teacher_state"])),
                 student=student_cfg(f["student_state"]), lora=cfg.distill.lora,
-                train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update=cell_kd(exp, f)),
+                train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update=cell_kd(exp, f, cache)),
                 output_dir=str(exp / "cells" / row.name), **shared), run_distill))
         model = (student.model_copy(update={"name": row_model(student_base, exp, row)}) if row.kind != "teacher"
                  else ModelConfig(name=row_model(student_base, exp, row)))
@@ -172,10 +191,13 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
     return plan
 
 
-def cell_kd(exp: Path, f: dict) -> dict:
-    """A cell's KD settings: its algorithm, and for sequence-level KD the answers store that every
-    cell of the same teacher state shares (the teacher answers each training prompt once)."""
+def cell_kd(exp: Path, f: dict, cache: Path | None) -> dict:
+    """A cell's KD settings: its algorithm; the teacher state's cache for a vanilla cell when the grid
+    has one; for sequence-level KD the answers store that every cell of the same teacher state shares
+    (the teacher answers each training prompt once)."""
     update = {"algorithm": f["algorithm"]}
+    if cache is not None:
+        update["teacher_cache"] = str(cache)
     if f["algorithm"] == "seqkd":
         update["teacher_answers"] = str(exp / "teacher_answers" / f"{slug(f['teacher'])}-{f['teacher_state']}.jsonl")
     return update

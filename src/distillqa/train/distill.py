@@ -20,11 +20,12 @@ from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.models.traits import same_tokenizer
 from distillqa.processes import processes
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
-from distillqa.train.kd import ULD, VanillaKD
+from distillqa.train.kd import ULD, CachedKD, VanillaKD
 from distillqa.train.loop import examples_trained_on, train
-from distillqa.train.losses import DIVERGENCES
+from distillqa.train.losses import DIVERGENCES, SampledKL, TopKTail
 from distillqa.train.objectives import SFTObjective
 from distillqa.train.run_dir import RunDir, save_final
+from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,18 @@ def collate_pairs(items, pad_student: int, pad_teacher: int) -> dict:
     return batch
 
 
+def cached_objective(cfg: KDConfig, cache: TeacherCache) -> CachedKD:
+    if cache.manifest["method"] == "topk":
+        return CachedKD(TopKTail(make_divergence(cfg)), cfg.kd_rate, cfg.chunk_size)
+    if cfg.divergence != "forward_kl":
+        raise ConfigError(f"kd.divergence: a sampling teacher cache is an unbiased target for forward_kl only, not "
+                          f"{cfg.divergence}; use forward_kl or a topk cache")
+    return CachedKD(SampledKL(), cfg.kd_rate, cfg.chunk_size)
+
+
 def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
+    if cfg.kd.teacher_cache:
+        return run_distill_cached(cfg, resume)
     splits, report = load_splits(cfg.data)
     tok_s = load_tokenizer(cfg.student.name, cfg.student.trust_remote_code)
     tok_t = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
@@ -78,15 +90,12 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
         raise DataError(cfg.data.source, None, None, f"none of the {len(pairs)} training examples fits prompt.max_length "
                         f"({prompt.max_length} tokens) for both models even without its context; raise prompt.max_length")
 
-    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="distill", base_model=cfg.student.name, resume=resume)
+    run = open_run(cfg, resume, report, len(data), len(pairs) - len(data))
     if run.finished:
-        log.info("%s is already finished; nothing to do", run.path)
         return run.path
-    run.update(data=report.summary(), train_examples=len(data), skipped_too_long=len(pairs) - len(data))
-
     torch.manual_seed(cfg.train.seed)  # new weights (LoRA, projectors) start the same in every run
     teacher = load_model(cfg.teacher.name, cfg.teacher.precision, cfg.teacher.trust_remote_code)
-    student = apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
+    student = load_student(cfg)
     objective = make_objective(cfg.kd, teacher, student)
     projectors = [p for n, p in objective.named_parameters() if p.requires_grad]
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
@@ -94,7 +103,48 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
         groups.append({"params": projectors, "lr": cfg.kd.projector_lr})
     train(student, objective, data, cfg.train, run,
           lambda items: collate_pairs(items, tok_s.pad_token_id, tok_t.pad_token_id), param_groups=groups)
+    finish(cfg, run, student, tok_s, objective)
+    return run.path
 
+
+def run_distill_cached(cfg: DistillConfig, resume: bool) -> Path:
+    """Vanilla KD from `kd.teacher_cache`: the teacher is never loaded; the cache must match this run."""
+    splits, report = load_splits(cfg.data)
+    tok = load_tokenizer(cfg.student.name, cfg.student.trust_remote_code)
+    cache = TeacherCache(cfg.kd.teacher_cache)
+    examples = encode_train_split(cfg.data, cfg.prompt, tok)
+    cache.check(cfg.teacher.name, tok, cfg.prompt, examples)
+    objective = cached_objective(cfg.kd, cache)
+    run = open_run(cfg, resume, report, len(examples), len(splits["train"]) - len(examples))
+    if run.finished:
+        return run.path
+    run.update(teacher_cache={k: cache.manifest.get(k) for k in ("method", "k", "samples", "dtype", "dataset_hash")})
+    torch.manual_seed(cfg.train.seed)
+    student = load_student(cfg)
+    width = student.get_output_embeddings().weight.shape[0]
+    if width != cache.manifest["vocab_size"]:
+        raise ConfigError(f"kd.teacher_cache: the student has {width} output tokens, the cache's teacher "
+                          f"{cache.manifest['vocab_size']}; build the cache with a teacher of the student's vocabulary")
+    train(student, objective, list(zip(examples, range(len(examples)))), cfg.train, run,
+          lambda items: collate_cached(items, tok.pad_token_id, cache))
+    finish(cfg, run, student, tok, objective)
+    return run.path
+
+
+def open_run(cfg: DistillConfig, resume: bool, report, kept: int, skipped: int) -> RunDir:
+    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="distill", base_model=cfg.student.name, resume=resume)
+    if run.finished:
+        log.info("%s is already finished; nothing to do", run.path)
+    else:
+        run.update(data=report.summary(), train_examples=kept, skipped_too_long=skipped)
+    return run
+
+
+def load_student(cfg: DistillConfig):
+    return apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
+
+
+def finish(cfg: DistillConfig, run: RunDir, student, tok_s, objective) -> None:
     def save_projectors(tmp: Path) -> None:
         state = {n: p.detach().cpu().contiguous() for n, p in objective.named_parameters() if p.requires_grad}
         if state:
@@ -102,7 +152,6 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
 
     save_final(run, student, tok_s, lora=cfg.lora.enabled, extra=save_projectors,
                keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
-    return run.path
 
 
 def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: bool) -> Path:
@@ -120,9 +169,8 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: 
     launch = processes()
     chosen = [fitting[i] for i in examples_trained_on(len(fitting), cfg.train, launch.num_processes)]
 
-    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="distill", base_model=cfg.student.name, resume=resume)
+    run = open_run(cfg, resume, report, len(chosen), len(examples) - len(fitting))
     if run.finished:
-        log.info("%s is already finished; nothing to do", run.path)
         return run.path
     store = Path(cfg.kd.teacher_answers or run.path / "teacher_answers.jsonl")
     with launch.main_process_first():  # the main process answers; the others find the store complete
@@ -133,11 +181,12 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: 
     data = [e for e in encoded if e is not None]
     if not data:
         raise DataError(str(store), None, "prediction", "the teacher answered none of the training prompts")
-    run.update(data=report.summary(), train_examples=len(data), skipped_too_long=len(encoded) - len(data),
+    run.update(train_examples=len(data), skipped_too_long=len(examples) - len(fitting) + len(encoded) - len(data),
                teacher_answers={"file": str(store), "answered": len(encoded), "empty": len(chosen) - len(encoded)})
 
     torch.manual_seed(cfg.train.seed)
-    student = apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
-    train(student, SFTObjective(), data, cfg.train, run, partial(collate_right, pad_id=tok_s.pad_token_id))
-    save_final(run, student, tok_s, lora=cfg.lora.enabled, keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
+    student = load_student(cfg)
+    objective = SFTObjective()
+    train(student, objective, data, cfg.train, run, partial(collate_right, pad_id=tok_s.pad_token_id))
+    finish(cfg, run, student, tok_s, objective)
     return run.path

@@ -1,4 +1,4 @@
-"""Logit distillation objectives: vanilla KD (same vocabulary) and ULD (any two vocabularies).
+"""Logit distillation objectives: vanilla KD (same vocabulary; live, or from a teacher cache) and ULD (any two vocabularies).
 
 Both mix the student's own cross-entropy with a distillation term over answer tokens:
 loss = (1 - r) * CE + r * KD, r = `kd_rate`. The teacher is frozen: eval mode, no gradients.
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillqa.data.prompts import IGNORE
+from distillqa.errors import DistillQAError
 from distillqa.train.losses import Divergence, chunked_mean
 from distillqa.train.objectives import answer_states, causal_lm_parts, project_to_vocab
 
@@ -52,6 +53,34 @@ class VanillaKD(FrozenTeacher):
             return torch.stack([ce, self.divergence(logits_s[:, :v], logits_t[:, :v])], dim=-1)
 
         ce, kd = chunked_mean(per_token, (hidden_s, hidden_t, targets), self.chunk)
+        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
+        return loss, {"ce": ce.item(), "kd": kd.item()}
+
+
+class CachedKD(nn.Module):
+    """Vanilla KD from a teacher cache, with no teacher loaded: KD = mean over answer tokens of a sparse
+    term (`TopKTail` or `SampledKL`) between the cached teacher target and the student.
+
+    loss = (1 - r) * CE(student) + r * KD. The batch carries the targets as `cache_<key>` tensors,
+    one row per answer token in `answer_states` order (`teacher_cache.collate_cached`).
+    """
+
+    def __init__(self, sparse: nn.Module, kd_rate: float, chunk: int | None):
+        super().__init__()
+        self.sparse, self.kd_rate, self.chunk = sparse, kd_rate, chunk
+
+    def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]):
+        hidden, targets = answer_states(student, batch)
+        cached = tuple(batch[f"cache_{k}"] for k in self.sparse.keys)
+        if cached[0].shape[0] != hidden.shape[0]:
+            raise DistillQAError(f"the teacher cache holds {cached[0].shape[0]} answer tokens for this batch, the batch "
+                                 f"has {hidden.shape[0]}: it was built for other examples")
+
+        def per_token(h, y, *target):
+            logits = project_to_vocab(student, h)
+            return torch.stack([F.cross_entropy(logits, y, reduction="none"), self.sparse(logits, *target)], dim=-1)
+
+        ce, kd = chunked_mean(per_token, (hidden, targets, *cached), self.chunk)
         loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
         return loss, {"ce": ce.item(), "kd": kd.item()}
 

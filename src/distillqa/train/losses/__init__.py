@@ -3,6 +3,7 @@
 Each divergence is a small module with its formula in its docstring, computing one value per
 token (`per_token`), summed over the vocabulary. `chunked_mean` averages any of them over the
 answer tokens of a batch without ever holding more than `chunk` rows of logits at once.
+`sparse.py` holds the terms against a cached, sparse teacher distribution (top-k with a tail, sampled).
 """
 
 from distillqa.train.losses.adaptive_kl import AdaptiveKL
@@ -12,6 +13,7 @@ from distillqa.train.losses.generalized_jsd import GeneralizedJSD
 from distillqa.train.losses.jensen_shannon import JensenShannon
 from distillqa.train.losses.reverse_kl import ReverseKL
 from distillqa.train.losses.skewed_kl import SkewedForwardKL, SkewedReverseKL
+from distillqa.train.losses.sparse import SampledKL, TopKTail
 from distillqa.train.losses.total_variation import TotalVariation
 
 DIVERGENCES: dict[str, type[Divergence]] = {
@@ -25,4 +27,4 @@ DIVERGENCES: dict[str, type[Divergence]] = {
     "generalized_jsd": GeneralizedJSD,
 }
 
-__all__ = ["DIVERGENCES", "Divergence", "chunked_mean", *[c.__name__ for c in DIVERGENCES.values()]]
+__all__ = ["DIVERGENCES", "Divergence", "SampledKL", "TopKTail", "chunked_mean", *[c.__name__ for c in DIVERGENCES.values()]]
