@@ -73,6 +73,7 @@ def test_lettered_prompt_scores_the_letters(tiny_model, mcq_file, tmp_path):
 
 @pytest.mark.parametrize("answer, expected", [
     ("B", 1), ("(c)", 2), ("D.", 3), ("2", 1), ("A) the AMF", 0), ("Answer: C", 2), ("The answer is b", 1),
+    ("D\n\nQuestion: Which function", 3), ("C \nQuestion: next", 2),         # a label line, then more text
     ("the UPF", 2), ("The PCF.", 3), ("UPF", 2),                           # option text, normalised
     ("It is the session management function, the SMF", 1),                   # best overlap
     ("I don't know", None), ("", None), ("A mobile network", None),          # refusals, empty, "A" as a word

@@ -9,8 +9,10 @@ of the text scored, `choice_lengths`):
 
 Generated answers (`choice_accuracy`) are mapped to one choice by this rule, first match wins:
 1. a label: the whole answer, after an optional "Answer:" / "The answer is", is a letter (A, B,
-   ...) or a number (1, 2, ...) of one of the choices, alone or followed by `.`, `)` or `:` and
-   any text, optionally in parentheses ("B", "(b)", "2.", "C) Paris"); unless the answer is
+   ...) or a number (1, 2, ...) of one of the choices, alone, or followed by `.`, `)` or `:` and
+   any text, or alone on the answer's first line with anything after it (a model that goes on to
+   write the next question), optionally in parentheses ("B", "(b)", "2.", "C) Paris",
+   "D\n\nQuestion: ..."); unless the answer is
    exactly one choice's text (choices that are numbers: "3" is the choice "3", not the third);
 2. the text: the answer equals one choice after SQuAD normalisation (case, punctuation,
    articles, white space);
@@ -28,7 +30,7 @@ from distillqa.data.prompts import LETTERS
 from distillqa.metrics.squad import _f1, normalize
 
 _ANSWER_LEAD = re.compile(r"^\s*(?:the\s+)?(?:correct\s+)?answer(?:\s+is)?\b\s*[:\-]?\s*", re.IGNORECASE)
-_LABEL = re.compile(r"^\(?([A-Za-z]|\d{1,2})\)?(?:[.):](?:\s.*)?)?$", re.DOTALL)
+_LABEL = re.compile(r"^\(?([A-Za-z]|\d{1,2})\)?(?:[.):](?:\s.*)?|[ \t]*\n.*)?$", re.DOTALL)
 
 
 def map_choice(answer: str, choices: list[str]) -> int | None:
