@@ -144,3 +144,29 @@ def test_meteor_when_wordnet_is_installed():
         return
     assert score("meteor", "the cat sat on the mat", ["the cat sat on the mat"]) > 0.99
     assert score("meteor", "the cat sat on the mat", ["a feline rested on the rug"]) < 0.6
+
+
+def test_scores_are_reused_only_when_scored_the_same_way(tmp_path):
+    """A metric scored with other code or settings (its key in summary.json differs) is scored again;
+    the others are reused; an embedding model change reaches only the embedding metrics' keys."""
+    from distillqa.metrics.evaluate import is_scored, scoring_key
+
+    rows = [{"id": "a", "prediction": "the AMF", "references": ["the AMF"]},
+            {"id": "b", "prediction": "the SMF", "references": ["the UPF"]}]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvaluateConfig(metrics="rouge_l,exact_match")
+    truth = evaluate_predictions(tmp_path, cfg)["metrics"]
+    scores, summary = tmp_path / "scores.jsonl", tmp_path / "summary.json"
+    scores.write_text("".join(json.dumps({"id": r["id"], "rouge_l": 0.25, "exact_match": 0.25}) + "\n" for r in rows))
+    stale = json.loads(summary.read_text())
+    stale["scored_with"]["rouge_l"] = "an older rule"
+    summary.write_text(json.dumps(stale))
+    metrics = resolve_metrics(cfg.metrics)
+    assert not is_scored(tmp_path, metrics, cfg)
+    again = evaluate_predictions(tmp_path, cfg)["metrics"]
+    assert again["rouge_l"]["mean"] == truth["rouge_l"]["mean"] == pytest.approx(0.75)  # scored again
+    assert again["exact_match"]["mean"] == 0.25 and truth["exact_match"]["mean"] == 0.5  # the planted scores, reused
+    assert is_scored(tmp_path, metrics, cfg)
+    other = EvaluateConfig(metrics="rouge_l,cosine", embedding_model="/elsewhere")
+    assert scoring_key(METRICS["rouge_l"], other) == scoring_key(METRICS["rouge_l"], cfg)
+    assert scoring_key(METRICS["cosine"], other) != scoring_key(METRICS["cosine"], EvaluateConfig())

@@ -100,7 +100,7 @@ def healing(cfg: ExperimentConfig):
 def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple[str, list[Stage]]]:
     """(row name, its stages) in run order; healing and SFT stages come first, under the pseudo-row 'sft'."""
     from distillqa.generate import run_generate
-    from distillqa.metrics.evaluate import evaluate_predictions
+    from distillqa.metrics.evaluate import evaluate_predictions, is_scored
     from distillqa.metrics.registry import resolve_metrics
     from distillqa.metrics.settings import EvalSettings
     from distillqa.train.distill import run_distill
@@ -163,9 +163,9 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
     plan = [("sft", sft_stages)]
 
     def answer_and_score(label: str, gen: GenerateConfig, evaluate) -> list[Stage]:
-        out, names = Path(gen.output_dir), [m.name for m in resolve_metrics(evaluate.metrics)]
+        out, metrics = Path(gen.output_dir), resolve_metrics(evaluate.metrics)
         return [Stage(f"generate {label}", (out / "predictions.jsonl").is_file, lambda: run_generate(gen)),
-                Stage(f"evaluate {label}", lambda: _scored(out, names),
+                Stage(f"evaluate {label}", lambda: is_scored(out, metrics, evaluate),
                       lambda: evaluate_predictions(out, evaluate, settings=settings))]
 
     for row in rows:
@@ -201,13 +201,6 @@ def cell_kd(exp: Path, f: dict, cache: Path | None) -> dict:
     if f["algorithm"] == "seqkd":
         update["teacher_answers"] = str(exp / "teacher_answers" / f"{slug(f['teacher'])}-{f['teacher_state']}.jsonl")
     return update
-
-
-def _scored(out: Path, metrics: list[str]) -> bool:
-    import json
-
-    summary = out / "summary.json"
-    return summary.is_file() and set(metrics) <= set(json.loads(summary.read_text())["metrics"])
 
 
 def run_experiment(cfg: ExperimentConfig, echo: Callable[[str], None] | None = None) -> Path:

@@ -2,7 +2,10 @@
 
 Both files are written next to the predictions, atomically, after every metric, so a failure
 half-way keeps the metrics already computed. Metrics already present in scores.jsonl are
-kept and not recomputed, so metrics can be added to a finished evaluation.
+kept and not recomputed, so metrics can be added to a finished evaluation, as long as they were
+scored the same way: summary.json records, per metric, a key of the metrics code (every source
+file of `distillqa.metrics`) and the settings the metric reads (embedding model and layer; judge);
+a metric whose key differs is scored again.
 """
 
 from __future__ import annotations
@@ -118,17 +121,39 @@ def _check_own(scores_path: Path, summary_path: Path) -> None:
                         "distillqa evaluate; move it (evaluate writes summary.json and scores.jsonl next to the predictions)")
 
 
+_CODE = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
+
+
+def scoring_key(metric, cfg: EvaluateConfig) -> str:
+    """What a metric's scores depend on besides the predictions: the metrics code and its settings."""
+    settings = {"embedding": [cfg.embedding_model, cfg.bertscore_layers],
+                "judge": [cfg.judge.url, cfg.judge.model, cfg.judge.local_model]}.get(metric.family)
+    return hashlib.sha256(json.dumps([_CODE, settings]).encode()).hexdigest()[:16]
+
+
+def is_scored(predictions_dir: Path, metrics: list, cfg: EvaluateConfig) -> bool:
+    """Whether summary.json holds every metric, scored the way `cfg` would score it now."""
+    summary = Path(predictions_dir) / "summary.json"
+    if not summary.is_file():
+        return False
+    keys = json.loads(summary.read_text(encoding="utf-8")).get("scored_with", {})
+    return all(keys.get(m.name) == scoring_key(m, cfg) for m in metrics)
+
+
 def _old_scores(scores_path: Path, summary_path: Path, digest: str, rows: list[dict]) -> dict:
-    """Scores already computed for exactly these predictions (same file contents), by id."""
+    """Scores already computed for exactly these predictions (same file contents), by id, and the
+    key each metric was scored with."""
     if not scores_path.is_file() or not summary_path.is_file():
-        return {}
+        return {}, {}
     try:
-        if json.loads(summary_path.read_text(encoding="utf-8")).get("predictions_sha256") != digest:
-            return {}  # the predictions changed since these scores were written (or an old summary without a digest)
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if summary.get("predictions_sha256") != digest:
+            return {}, {}  # the predictions changed since these scores were written (or an old summary without a digest)
         old = {r["id"]: r for r in read_jsonl(scores_path)}
+        keys = dict(summary.get("scored_with", {}))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return {}
-    return old if set(old) == {r["id"] for r in rows} else {}
+        return {}, {}
+    return (old, keys) if set(old) == {r["id"] for r in rows} else ({}, {})
 
 
 def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = None, judge=None,
@@ -149,8 +174,11 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
     scores_path, summary_path = path.with_name("scores.jsonl"), path.with_name("summary.json")
     _check_own(scores_path, summary_path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    old = _old_scores(scores_path, summary_path, digest, rows)
-    table = [{"id": r["id"], **{k: v for k, v in old.get(r["id"], {}).items() if k in METRICS}} for r in rows]
+    keys = {m.name: scoring_key(m, cfg) for m in metrics}
+    old, old_keys = _old_scores(scores_path, summary_path, digest, rows)
+    same_way = {**{k: v for k, v in old_keys.items() if k not in keys}, **{k: v for k, v in keys.items() if old_keys.get(k) == v}}
+    table = [{"id": r["id"], **{k: v for k, v in old.get(r["id"], {}).items() if k in same_way}} for r in rows]
+    keys = {**same_way, **keys}
     skipped = [i for i, r in enumerate(rows) if is_skipped(r)]
     if skipped:
         log.warning("%s: %d of %d questions were not answered (prompt too long for prompt.max_length); they are counted "
@@ -166,17 +194,19 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
         scores = iter(metric.score(answered, settings) if answered else [])
         for t, r in zip(table, rows):
             t[metric.name] = None if is_skipped(r) else next(scores)
-        _write(scores_path, summary_path, path, rows, table, digest)
-    return _write(scores_path, summary_path, path, rows, table, digest)
+        _write(scores_path, summary_path, path, rows, table, digest, keys)
+    return _write(scores_path, summary_path, path, rows, table, digest, keys)
 
 
-def _write(scores_path: Path, summary_path: Path, path: Path, rows: list[dict], table: list[dict], digest: str) -> dict:
+def _write(scores_path: Path, summary_path: Path, path: Path, rows: list[dict], table: list[dict], digest: str,
+           keys: dict[str, str]) -> dict:
     write_jsonl(scores_path, table)
     names = [m for m in METRICS if all(m in t for t in table)]
     summary = {"predictions": str(path), "predictions_sha256": digest, "n": len(rows),
                "skipped_too_long": sum(is_skipped(r) for r in rows),
                "empty_predictions": sum(not r["prediction"].strip() and not is_skipped(r) for r in rows),
                "metrics": {m: {**summarize([t[m] for t in table]), "family": METRICS[m].family,
-                               "higher_is_better": METRICS[m].higher_is_better} for m in names}}
+                               "higher_is_better": METRICS[m].higher_is_better} for m in names},
+               "scored_with": {m: keys[m] for m in names}}
     write_json(summary_path, summary)
     return summary
