@@ -238,3 +238,47 @@ def test_seqkd_answers_store_is_shared_and_refuses_other_settings(tiny_model, tm
     with pytest.raises(ConfigError, match="max_new_tokens=48.*this run uses 8"):
         run_distill(cfg_for(teacher, tiny_model, tmp_path / "c", "seqkd", "train.max_steps=1",
                             f"kd.teacher_answers={store}", "kd.answer_tokens=8"))
+
+
+def test_seqkd_killed_while_answering_or_training_resumes_to_the_same_weights(tiny_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from distillqa import generate
+    from distillqa.train import loop
+
+    args = (f"{tiny_model}@layers=0-1", tiny_model)
+    extra = ("train.max_steps=6", "train.checkpoint_every=2", "kd.answer_tokens=6", "lora.enabled=false")
+    whole = run_distill(cfg_for(*args, tmp_path / "whole", "seqkd", *extra))
+
+    real_batch, real_save = generate.generate_batch, loop.save_checkpoint
+    calls = []
+
+    def die_in_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_batch(*a, **k)
+
+    def die_at_2(path, step, *a):
+        real_save(path, step, *a)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(generate, "generate_batch", die_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):  # killed while the teacher answers its 24 prompts (batches of 16 and 8)
+        run_distill(cfg_for(*args, killed, "seqkd", *extra))
+    assert len((killed / "teacher_answers.new.partial.jsonl").read_text().splitlines()) == 16
+    later = []
+    monkeypatch.setattr(generate, "generate_batch", lambda *a, **k: later.append(1) or real_batch(*a, **k))
+    monkeypatch.setattr(loop, "save_checkpoint", die_at_2)
+    with pytest.raises(KeyboardInterrupt):  # then killed while training
+        run_distill(cfg_for(*args, killed, "seqkd", *extra), resume=True)
+    assert later == [1]  # only the unanswered batch was answered again
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = run_distill(cfg_for(*args, killed, "seqkd", *extra), resume=True)
+    assert later == [1]  # the store was complete: the teacher was not run again
+    assert (killed / "teacher_answers.jsonl").read_text() == (whole / "teacher_answers.jsonl").read_text()
+    a, b = load_file(str(whole / "final" / "model" / "model.safetensors")), load_file(str(resumed / "final" / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
