@@ -278,6 +278,13 @@ CASES = [
     Case("distill-from-missing-teacher-cache", lambda d, m: ["distill", "--set", f"teacher.name={m['plain']}", "--set",
                                                              f"student.name={m['plain']}", "--set", f"kd.teacher_cache={d}/nope",
                                                              "--set", f"output_dir={d}/kd"], ["nope", "manifest.json"]),
+    Case("seqkd-store-not-json", lambda d, m: ["distill", "--set", f"teacher.name={m['plain']}", "--set", f"student.name={m['plain']}",
+                                               "--set", "kd.algorithm=seqkd", "--set", f"kd.teacher_answers={data_file(d, 'a.jsonl', 'x')}",
+                                               "--set", f"output_dir={d}/kd"], ["a.jsonl", "line 1", "invalid JSON"]),
+    Case("seqkd-store-of-other-rows", lambda d, m: ["distill", "--set", f"teacher.name={m['plain']}", "--set", f"student.name={m['plain']}",
+                                                    "--set", "kd.algorithm=seqkd", "--set",
+                                                    f"kd.teacher_answers={data_file(d, 'a.jsonl', json.dumps(GOOD[0]))}",
+                                                    "--set", f"output_dir={d}/kd"], ["a.jsonl", "line 1", "prediction"]),
     Case("rationales-generate-onto-user-file", lambda d, m: ["rationales", "generate", "--set", f"output={data_file(d, 'o.jsonl', 'mine')}",
                                                              "--set", f"teacher.local_model={m['chat']}"], ["o.jsonl", "not written by"]),
 ]

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from distillqa.config import GenerateConfig, GenerationConfig, dump_config, upgraded
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_left
+from distillqa.data.readers import iter_json_lines
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, DataError, RunDirError
 from distillqa.io import append_jsonl, is_empty, read_jsonl, read_partial_jsonl, write_json, write_jsonl, write_text
@@ -103,33 +104,57 @@ def loglikelihood_predictions(model, tok, builder: PromptBuilder, examples: list
     return answer_in_batches(examples, prompts, batch_size, answer, tok, builder.max_length, out_path, "log-likelihoods")
 
 
-def stored_answers(model_name: str, load_model_once, tok, builder: PromptBuilder, examples: list[QAExample], max_new_tokens: int,
-                   store: Path, desc: str) -> dict[str, str]:
-    """Greedy answers of the model `load_model_once()` returns to `examples`, by id, kept in the JSONL `store` and shared by every
-    run that names it (sequence-level KD cells of one teacher, a healing run's parent answers).
+def _provenance(model_name: str, builder: PromptBuilder, max_new_tokens: int) -> dict:
+    return {"model": model_name, "chat_template": builder.chat, "instruction": builder.instruction,
+            "max_length": builder.max_length, "max_new_tokens": max_new_tokens}
+
+
+def read_answers_store(model_name: str, builder: PromptBuilder, max_new_tokens: int, store: Path) -> list[dict]:
+    """The rows of an answers store (none if it does not exist yet), refused if it was made with other
+    settings than these (named) or is not an answers store (file, line and field named)."""
+    store = Path(store)
+    provenance = _provenance(model_name, builder, max_new_tokens)
+    meta = store.with_suffix(".json")
+    if meta.is_file():
+        try:
+            held = json.loads(meta.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise DataError(str(meta), None, None, "not the JSON that distillqa writes beside an answers store") from None
+        if held != provenance:
+            key = next(k for k in sorted(set(held) | set(provenance)) if held.get(k) != provenance.get(k))
+            raise ConfigError(f"{store}: its answers were made with {key}={held.get(key)!r}, this run uses "
+                              f"{provenance.get(key)!r}; name another file (or delete this one)")
+    rows = []
+    for line, row in iter_json_lines(store) if store.is_file() else ():
+        for field in ("id", "prediction"):
+            if not isinstance(row.get(field), str):
+                raise DataError(str(store), f"line {line}", field, "missing or not a string (not an answers store?)")
+        rows.append(row)
+    return rows
+
+
+def stored_answers(model_name: str, load_model_once, tok, builder: PromptBuilder, examples: list[QAExample],
+                   max_new_tokens: int, store: Path, desc: str) -> dict[str, str]:
+    """Greedy answers of the model `load_model_once()` returns to `examples`, by id, kept in the JSONL
+    `store` and shared by every run that names it (sequence-level KD cells of one teacher, a healing
+    run's parent answers).
 
     Only questions the store lacks are answered (resumably, through `store.new.jsonl`), then merged
-    into it. The model and prompt settings are kept beside it in `store.json`; a store made with
-    other settings is refused, naming the first that differs."""
+    into it. The model and prompt settings are kept beside it in `store.json` (`read_answers_store`
+    refuses a store made with other settings)."""
     store = Path(store)
-    provenance = {"model": model_name, "chat_template": builder.chat, "instruction": builder.instruction,
-                  "max_length": builder.max_length, "max_new_tokens": max_new_tokens}
-    meta = store.with_suffix(".json")
-    if meta.is_file() and (held := json.loads(meta.read_text())) != provenance:
-        key = next(k for k in sorted(set(held) | set(provenance)) if held.get(k) != provenance.get(k))
-        raise ConfigError(f"{store}: its answers were made with {key}={held.get(key)!r}, this run uses "
-                          f"{provenance.get(key)!r}; name another file (or delete this one)")
-    rows = read_jsonl(store) if store.is_file() else []
+    rows = read_answers_store(model_name, builder, max_new_tokens, store)
     have = {r["id"] for r in rows}
     missing = [ex for ex in examples if ex.id not in have]
     if missing:
         new = store.with_name(store.stem + ".new.jsonl")
         generate_predictions(load_model_once(), tok, builder, missing, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16),
                              new, desc=desc)
-        write_json(meta, provenance)
-        write_jsonl(store, rows + read_jsonl(new))
+        write_json(store.with_suffix(".json"), _provenance(model_name, builder, max_new_tokens))
+        rows += read_jsonl(new)
+        write_jsonl(store, rows)
         new.unlink()
-    answers = {r["id"]: r["prediction"] for r in read_jsonl(store)}
+    answers = {r["id"]: r["prediction"] for r in rows}
     return {ex.id: answers[ex.id] for ex in examples}
 
 

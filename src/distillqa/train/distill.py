@@ -14,7 +14,7 @@ from distillqa.config import DistillConfig, KDConfig, dump_config
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
 from distillqa.errors import ConfigError, DataError
-from distillqa.generate import stored_answers
+from distillqa.generate import read_answers_store, stored_answers
 from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.models.traits import same_tokenizer
@@ -168,6 +168,8 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: 
                         f"({prompt.max_length} tokens) even without its context; raise prompt.max_length")
     launch = processes()
     chosen = [fitting[i] for i in examples_trained_on(len(fitting), cfg.train, launch.num_processes)]
+    if cfg.kd.teacher_answers:  # a store the user names is checked before the run directory exists
+        read_answers_store(cfg.teacher.name, build_t, cfg.kd.answer_tokens, Path(cfg.kd.teacher_answers))
 
     run = open_run(cfg, resume, report, len(chosen), len(examples) - len(fitting))
     if run.finished:
