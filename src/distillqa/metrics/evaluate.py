@@ -176,9 +176,10 @@ def evaluate_predictions(predictions: str | Path, cfg: EvaluateConfig | None = N
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     keys = {m.name: scoring_key(m, cfg) for m in metrics}
     old, old_keys = _old_scores(scores_path, summary_path, digest, rows)
-    same_way = {**{k: v for k, v in old_keys.items() if k not in keys}, **{k: v for k, v in keys.items() if old_keys.get(k) == v}}
-    table = [{"id": r["id"], **{k: v for k, v in old.get(r["id"], {}).items() if k in same_way}} for r in rows]
-    keys = {**same_way, **keys}
+    # Old scores stay if not asked for now, or asked for and scored the same way as they would be now.
+    kept = {k: v for k, v in old_keys.items() if keys.get(k, v) == v}
+    table = [{"id": r["id"], **{k: v for k, v in old.get(r["id"], {}).items() if k in kept}} for r in rows]
+    keys = {**kept, **keys}
     skipped = [i for i, r in enumerate(rows) if is_skipped(r)]
     if skipped:
         log.warning("%s: %d of %d questions were not answered (prompt too long for prompt.max_length); they are counted "
