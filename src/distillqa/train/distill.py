@@ -71,17 +71,17 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
     splits, report = load_splits(cfg.data)
     tok_s = load_tokenizer(cfg.student.name, cfg.student.trust_remote_code)
     tok_t = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    prompt = cfg.prompt
+    build_s = PromptBuilder(tok_s, prompt.template, prompt.instruction, prompt.max_length)
+    build_t = PromptBuilder(tok_t, prompt.template, prompt.instruction, prompt.max_length)
     if cfg.kd.algorithm == "seqkd":
-        return run_sequence_kd(cfg, splits["train"], report, tok_s, tok_t, resume)
+        return run_sequence_kd(cfg, splits["train"], report, build_s, build_t, resume)
     same = same_tokenizer(tok_s, tok_t)
     if cfg.kd.algorithm in SAME_VOCAB and not same:
         raise ConfigError(
             f"kd.algorithm: '{cfg.kd.algorithm}' needs teacher and student to share a tokenizer, but "
             f"{cfg.teacher.name} and {cfg.student.name} map tokens to ids differently; use 'dskd-cma', 'uld' or 'seqkd'"
         )
-    prompt = cfg.prompt
-    build_s = PromptBuilder(tok_s, prompt.template, prompt.instruction, prompt.max_length)
-    build_t = PromptBuilder(tok_t, prompt.template, prompt.instruction, prompt.max_length)
     pairs = [(build_s.encode_train(ex), build_t.encode_train(ex)) for ex in splits["train"]]
     data = [(s, t) for s, t in pairs if s is not None and t is not None]
     if cfg.kd.algorithm in SAME_VOCAB:
@@ -154,14 +154,13 @@ def finish(cfg: DistillConfig, run: RunDir, student, tok_s, objective) -> None:
                keep_checkpoints=cfg.train.keep_checkpoints_when_finished)
 
 
-def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: bool) -> Path:
+def run_sequence_kd(cfg: DistillConfig, examples, report, build_s: PromptBuilder, build_t: PromptBuilder,
+                    resume: bool) -> Path:
     """Sequence-level KD (Kim & Rush 2016): cross-entropy on the teacher's greedy answers to the
     training prompts instead of the references. The teacher answers the examples the run reaches
     (the SFT-only baseline's examples, by the same seeded order) once, into `kd.teacher_answers`,
     and is released before training; text carries across any two vocabularies."""
     prompt = cfg.prompt
-    build_s = PromptBuilder(tok_s, prompt.template, prompt.instruction, prompt.max_length)
-    build_t = PromptBuilder(tok_t, prompt.template, prompt.instruction, prompt.max_length)
     fitting = [ex for ex in examples if build_s.encode_train(ex) is not None]  # as SFT filters them
     if not fitting:
         raise DataError(cfg.data.source, None, None, f"none of the {len(examples)} training examples fits prompt.max_length "
@@ -178,7 +177,7 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: 
     with launch.main_process_first():  # the main process answers; the others find the store complete
         answers = stored_answers(cfg.teacher.name, lambda: load_model(cfg.teacher.name, cfg.teacher.precision,
                                                                        cfg.teacher.trust_remote_code),
-                                 tok_t, build_t, chosen, cfg.kd.answer_tokens, store, desc="teacher answers")
+                                 build_t.tok, build_t, chosen, cfg.kd.answer_tokens, store, desc="teacher answers")
     encoded = [build_s.encode_train(ex, answers[ex.id]) for ex in chosen if answers[ex.id]]
     data = [e for e in encoded if e is not None]
     if not data:
@@ -189,6 +188,6 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, tok_s, tok_t, resume: 
     torch.manual_seed(cfg.train.seed)
     student = load_student(cfg)
     objective = SFTObjective()
-    train(student, objective, data, cfg.train, run, partial(collate_right, pad_id=tok_s.pad_token_id))
-    finish(cfg, run, student, tok_s, objective)
+    train(student, objective, data, cfg.train, run, partial(collate_right, pad_id=build_s.tok.pad_token_id))
+    finish(cfg, run, student, build_s.tok, objective)
     return run.path
