@@ -1,20 +1,24 @@
-"""Cost of a distillation step against its parts, on one 4x256 batch, for real models.
+"""Cost of a distillation step against its floor, on one batch of real models.
 
-For each (teacher, algorithm) it prints: teacher forward (no grad, answer logits included),
-student SFT step (LoRA r=16; forward, backward, optimizer), KD step (the KD objective: teacher
-forward + student step), and the peak memory of each. Every phase runs in a fresh process, so
-its peak is its own: on CPU the peak resident set size after loading the models (VmHWM, reset
-once they are loaded), on GPU the peak allocated memory. Ratios:
-  time   = KD step / (teacher forward + SFT step)
+For each (teacher, algorithm) and each answer length it prints: teacher forward (no grad, answer logits
+included), student SFT step (forward, backward, optimizer; LoRA r=16, or all weights with --full), KD step
+(the KD objective: teacher forward + student step), and the peak memory of each. Ratios:
+  time   = median KD step / median (teacher forward + SFT step)
   memory = KD peak / peak of (teacher forward, then SFT step, in one process)
+Times come from one process per case that runs the three phases in turn, --steps rounds after a
+warm-up round, so that a busy machine slows them alike; the medians are over the rounds. Peaks come
+from a fresh process per phase, so each is its own: on CPU the peak resident set size after loading
+the models (VmHWM, reset once they are loaded), on GPU the peak allocated memory.
 
-    python benchmarks/kd_step.py [--batch 4] [--length 256] [--answer-tokens 32] [--steps 2] [--chunk 32]
+    python benchmarks/kd_step.py [--answer-tokens 192 32] [--algorithms vanilla dskd dskd-cma uld]
+                                 [--batch 4] [--length 256] [--steps 5] [--chunk 32] [--full]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -22,8 +26,7 @@ import time
 import torch
 
 STUDENT = "smollm2-135m@layers=angular:22"
-CASES = [("smollm2-135m", "vanilla"), ("smollm2-135m", "dskd"), ("gemma3-270m", "dskd-cma"), ("gemma3-270m", "uld")]
-PHASES = ("teacher", "sft", "teacher+sft", "kd")
+TEACHERS = {"vanilla": "smollm2-135m", "dskd": "smollm2-135m", "dskd-cma": "gemma3-270m", "uld": "gemma3-270m"}
 
 
 def reset_peak() -> None:
@@ -49,7 +52,8 @@ def random_batch(vocab: int, batch: int, length: int, answer: int, seed: int) ->
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def measure(teacher_name: str, algorithm: str, phase: str, a) -> dict:
+def phases(algorithm: str, answer_tokens: int, wanted: tuple[str, ...], a) -> dict:
+    """The step functions in `wanted` ("teacher", "sft", "kd"), each a callable running one step."""
     from distillqa.config import KDConfig, LoraConfig
     from distillqa.models.lora import apply_lora
     from distillqa.models.registry import load_model
@@ -58,10 +62,10 @@ def measure(teacher_name: str, algorithm: str, phase: str, a) -> dict:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    student = apply_lora(load_model(STUDENT), LoraConfig()).to(device) if phase != "teacher" else None
-    teacher = load_model(teacher_name).eval().requires_grad_(False).to(device) if phase != "sft" else None
-    batch = random_batch(49152, a.batch, a.length, a.answer_tokens, seed=0)
-    teacher_batch = batch if algorithm in ("vanilla", "dskd") else random_batch(262144, a.batch, a.length, a.answer_tokens, seed=1)
+    student = apply_lora(load_model(STUDENT), LoraConfig(enabled=not a.full)).to(device)
+    teacher = load_model(TEACHERS[algorithm]).eval().requires_grad_(False).to(device)
+    batch = random_batch(49152, a.batch, a.length, answer_tokens, seed=0)
+    teacher_batch = batch if algorithm in ("vanilla", "dskd") else random_batch(262144, a.batch, a.length, answer_tokens, seed=1)
     batch = {**batch, **{f"teacher_{k}": v for k, v in teacher_batch.items()}}
     batch = {k: v.to(device) for k, v in batch.items()}
     teacher_batch = {k: v.to(device) for k, v in teacher_batch.items()}
@@ -84,59 +88,78 @@ def measure(teacher_name: str, algorithm: str, phase: str, a) -> dict:
 
         return run
 
-    if phase == "teacher":
-        fn = teacher_forward
-    elif phase == "sft":
-        fn = student_step(SFTObjective())
-    elif phase == "teacher+sft":
-        sft = student_step(SFTObjective())
+    make = {"teacher": lambda: teacher_forward, "sft": lambda: student_step(SFTObjective()),
+            "kd": lambda: student_step(make_objective(KDConfig(algorithm=algorithm, chunk_size=a.chunk), teacher, student).to(device))}
+    return {name: make[name]() for name in wanted}
 
-        def fn():
-            teacher_forward()
-            sft()
-    else:
-        fn = student_step(make_objective(KDConfig(algorithm=algorithm, chunk_size=a.chunk), teacher, student).to(device))
-    reset_peak()
-    fn()  # warm-up, included in the peak (optimizer state is allocated here)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        fn()
-    if device == "cuda":
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return {"seconds": (time.perf_counter() - t0) / a.steps, "peak_mib": peak_mib(), "device": device}
+
+
+def times(algorithm: str, answer_tokens: int, a) -> dict:
+    """Seconds of each phase per round: a warm-up round, then --steps rounds of teacher, SFT, KD in turn."""
+    steps = phases(algorithm, answer_tokens, ("teacher", "sft", "kd"), a)
+    seconds = {name: [] for name in steps}
+    for round_ in range(a.steps + 1):
+        for name, step in steps.items():
+            synchronize()
+            t0 = time.perf_counter()
+            step()
+            synchronize()
+            if round_:  # round 0 warms up (allocator, optimizer state)
+                seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
+def peak(algorithm: str, answer_tokens: int, phase: str, a) -> dict:
+    """Peak memory (MiB) of `phase`: "floor" (teacher forward, then SFT step) or "kd", warm-up step included."""
+    steps = phases(algorithm, answer_tokens, ("teacher", "sft") if phase == "floor" else ("kd",), a)
+    reset_peak()
+    for _ in range(2):
+        for step in steps.values():
+            step()
+    return {"peak_mib": peak_mib(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args, *sys.argv[1:]], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--answer-tokens", type=int, nargs="+", default=[192, 32], help="answer tokens per row, one setting each")
+    ap.add_argument("--algorithms", nargs="+", choices=list(TEACHERS), default=list(TEACHERS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
-    ap.add_argument("--answer-tokens", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds after the warm-up round")
     ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--full", action="store_true", help="train all student weights instead of LoRA adapters")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(measure(*a.child, a)))
+        algorithm, answer_tokens, phase = a.child
+        result = times(algorithm, int(answer_tokens), a) if phase == "times" else peak(algorithm, int(answer_tokens), phase, a)
+        print(json.dumps(result))
         return
-    opts = ["--batch", str(a.batch), "--length", str(a.length), "--answer-tokens", str(a.answer_tokens),
-            "--steps", str(a.steps), "--chunk", str(a.chunk)]
-    print(f"batch {a.batch}x{a.length}, {a.answer_tokens} answer tokens per row, student {STUDENT} (LoRA r=16), "
-          f"chunk {a.chunk}, mean of {a.steps} steps after 1 warm-up")
-    print(f"{'teacher':13s} {'algorithm':9s} {'T fwd s':>7s} {'SFT s':>6s} {'KD s':>6s} {'time x':>6s} | "
-          f"{'T fwd MiB':>9s} {'SFT MiB':>8s} {'T+SFT MiB':>9s} {'KD MiB':>7s} {'mem x':>6s}")
-    for teacher_name, algorithm in CASES:
-        r = {}
-        for phase in PHASES:
-            out = subprocess.run([sys.executable, __file__, "--child", teacher_name, algorithm, phase, *opts],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{teacher_name} {algorithm} {phase} failed:\n{out.stderr[-2000:]}")
-            r[phase] = json.loads(out.stdout.strip().splitlines()[-1])
-        t, s, ts, kd = (r[p] for p in PHASES)
-        print(f"{teacher_name:13s} {algorithm:9s} {t['seconds']:7.2f} {s['seconds']:6.2f} {kd['seconds']:6.2f} "
-              f"{kd['seconds'] / (t['seconds'] + s['seconds']):6.2f} | {t['peak_mib']:9.0f} {s['peak_mib']:8.0f} "
-              f"{ts['peak_mib']:9.0f} {kd['peak_mib']:7.0f} {kd['peak_mib'] / ts['peak_mib']:6.2f}")
-    print(f"device: {r['kd']['device']}")
+    print(f"batch {a.batch}x{a.length}, student {STUDENT} ({'all weights' if a.full else 'LoRA r=16'}), chunk {a.chunk}, "
+          f"medians of {a.steps} interleaved rounds after 1 warm-up")
+    print(f"{'teacher':13s} {'algorithm':9s} {'answer':>6s} {'T fwd s':>7s} {'SFT s':>6s} {'KD s':>6s} {'time x':>6s} | "
+          f"{'floor MiB':>9s} {'KD MiB':>7s} {'mem x':>6s}")
+    for algorithm in a.algorithms:
+        for answer_tokens in a.answer_tokens:
+            s = child(algorithm, str(answer_tokens), "times")
+            floor_s = [t + f for t, f in zip(s["teacher"], s["sft"])]
+            floor, kd = (child(algorithm, str(answer_tokens), phase) for phase in ("floor", "kd"))
+            teacher_s, sft_s, kd_s = (statistics.median(s[name]) for name in ("teacher", "sft", "kd"))
+            print(f"{TEACHERS[algorithm]:13s} {algorithm:9s} {answer_tokens:6d} {teacher_s:7.2f} {sft_s:6.2f} {kd_s:6.2f} "
+                  f"{kd_s / statistics.median(floor_s):6.2f} | {floor['peak_mib']:9.0f} {kd['peak_mib']:7.0f} "
+                  f"{kd['peak_mib'] / floor['peak_mib']:6.2f}")
+    print(f"device: {kd['device']}")
 
 
 if __name__ == "__main__":

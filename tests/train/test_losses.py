@@ -118,3 +118,17 @@ def test_chunked_equals_unchunked(name):
     torch.testing.assert_close(values[0], values[1], rtol=0, atol=1e-6)
     for a, b in zip(grads[0], grads[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_value_and_grad_matches_autograd_of_the_value(name):
+    """The closed forms the fused KD step uses (autograd itself for the divergences without one)."""
+    g = torch.Generator().manual_seed(2)
+    z = (torch.randn(6, 11, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    teacher_logp = torch.log_softmax(torch.randn(6, 11, generator=g, dtype=torch.float64) * 3, dim=-1)
+    div = DIVERGENCES[name]()
+    value, grad = div.value_and_grad(torch.log_softmax(z, dim=-1).detach(), teacher_logp)
+    want = div.per_token(torch.log_softmax(z, dim=-1), teacher_logp)
+    (want_grad,) = torch.autograd.grad(want.sum(), z)
+    torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-8, atol=1e-10)

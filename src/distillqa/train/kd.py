@@ -13,7 +13,8 @@ from torch import nn
 from distillqa.data.prompts import IGNORE
 from distillqa.errors import DistillQAError
 from distillqa.train.losses import Divergence, chunked_mean
-from distillqa.train.objectives import answer_states, causal_lm_parts, project_to_vocab
+from distillqa.train.losses.fused import FusedLinearKD
+from distillqa.train.objectives import answer_states, causal_lm_parts, linear_head, project_to_vocab
 
 
 class FrozenTeacher(nn.Module):
@@ -32,7 +33,10 @@ class FrozenTeacher(nn.Module):
 class VanillaKD(FrozenTeacher):
     """KD = mean over answer tokens of D(p_teacher || q_student), both tokenised identically.
 
-    loss = (1 - r) * CE(student) + r * KD. Logits are computed `chunk` answer tokens at a time.
+    loss = (1 - r) * CE(student) + r * KD, `chunk` answer tokens at a time. A student whose head is a
+    plain linear layer (`linear_head`) takes the fused step (`losses/fused.py`: each chunk's logits once,
+    gradients in closed form); one with an adapter or bias on its head, autograd through checkpointed
+    chunks (`chunked_mean`). Both give the same loss and gradients.
     """
 
     def __init__(self, teacher: nn.Module, divergence: Divergence, kd_rate: float, chunk: int | None):
@@ -43,6 +47,13 @@ class VanillaKD(FrozenTeacher):
         hidden_s, targets = answer_states(student, batch)
         with torch.no_grad():
             hidden_t, _ = answer_states(self.teacher, batch)
+        head = linear_head(student)
+        if head is not None:
+            def teacher_logits(rows: slice) -> torch.Tensor:
+                return project_to_vocab(self.teacher, hidden_t[rows])
+
+            loss, ce, kd = FusedLinearKD.apply(hidden_s, *head, targets, teacher_logits, self.divergence, self.kd_rate, self.chunk)
+            return loss, {"ce": ce.item(), "kd": kd.item()}
 
         def per_token(h_s, h_t, y):
             logits_s = project_to_vocab(student, h_s)

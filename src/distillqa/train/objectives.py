@@ -38,10 +38,18 @@ def project_to_vocab(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits of `hidden` through the model's head; `hidden` may come in another dtype (an fp32 projector's output
     into a bf16 model), and is cast to the head's."""
     _, head, softcap = causal_lm_parts(model)
-    logits = head(hidden.to(head.weight.dtype))
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
+    return softcapped(head(hidden.to(head.weight.dtype)), softcap).float()
+
+
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """c * tanh(logits / c) for a model with final logit softcapping c (Gemma 2), else the logits."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def linear_head(model: nn.Module) -> tuple[torch.Tensor, float | None] | None:
+    """(weight W, softcap) if the model's logits are softcapped(h @ W^T), with no bias or adapter on the head, else None."""
+    _, head, softcap = causal_lm_parts(model)
+    return (head.weight, softcap) if type(head) is nn.Linear and head.bias is None else None
 
 
 class SFTObjective(nn.Module):

@@ -3,6 +3,9 @@
 Each divergence is a small module with its formula in its docstring, computing one value per
 token (`per_token`), summed over the vocabulary. `chunked_mean` averages any of them over the
 answer tokens of a batch without ever holding more than `chunk` rows of logits at once.
+`value_and_grad` gives a divergence's gradient w.r.t. the student's logits for the fused KD step
+(`fused.py`): in closed form for forward and reverse KL, JS, generalized JSD, total variation and
+adaptive KL; by autograd on one chunk for the skewed forward and reverse KL.
 `sparse.py` holds the terms against a cached, sparse teacher distribution (top-k with a tail, sampled).
 """
 

@@ -13,7 +13,8 @@ class Divergence(nn.Module):
     """D(p || q) per token, p = softmax(teacher_logits / T), q = softmax(student_logits / T).
 
     Subclasses implement `per_token(student_logp, teacher_logp) -> [N]` on log-probabilities
-    (float32 or float64), summing over the vocabulary.
+    (float32 or float64), summing over the vocabulary, and where it is simple override
+    `value_and_grad` with the closed-form gradient that the fused KD step (`fused.py`) uses.
     """
 
     def __init__(self, temperature: float = 1.0):
@@ -29,6 +30,25 @@ class Divergence(nn.Module):
         s = torch.log_softmax(student_logits.to(dtype) / self.temperature, dim=-1)
         t = torch.log_softmax(teacher_logits.to(dtype) / self.temperature, dim=-1)
         return self.per_token(s, t)
+
+    def value_and_grad(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`per_token` [N], its gradient [N, V] w.r.t. z, the student's logits / T, where student_logp = log_softmax(z)).
+
+        This default differentiates `per_token` by autograd, one chunk at a time; a closed form avoids
+        autograd's intermediates. One follows from G = dD/d(student_logp), the log-probabilities taken
+        as free variables: dD/dz = G - q * sum_v G_v (`softmax_backward`).
+        """
+        with torch.enable_grad():
+            z = student_logp.detach().requires_grad_()
+            value = self.per_token(torch.log_softmax(z, dim=-1), teacher_logp)
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        return value.detach(), grad
+
+
+def softmax_backward(logp: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. z of a function of logp = log_softmax(z), from its gradient G w.r.t. logp:
+    G - softmax(z) * sum_v G_v."""
+    return grad_logp - logp.exp() * grad_logp.sum(-1, keepdim=True)
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ from distillqa.train.losses.base import Divergence, kl, log_mix
 class SkewedForwardKL(Divergence):
     """Skewed forward KL (DistiLLM): SKL_l(p, q) = KL(p || l p + (1 - l) q), skew l = 0.1 by default.
 
-    Mixing a little of p into q keeps the divergence finite where q underflows.
+    Mixing a little of p into q keeps the divergence finite where q underflows. Its gradient in the fused
+    KD step comes from autograd (`Divergence.value_and_grad`), as does the skewed reverse KL's.
     """
 
     def __init__(self, temperature: float = 1.0, skew: float = 0.1):
