@@ -54,7 +54,7 @@ def softmax_backward(logp: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tenso
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v), per row; 0 * log 0 taken as 0."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
 
 
 def log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:

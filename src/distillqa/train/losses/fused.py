@@ -50,21 +50,24 @@ class FusedLinearKD(torch.autograd.Function):
             # At T = 1 over the whole vocabulary the KD term's student distribution is the CE term's.
             same = temperature == 1 and v == logits.shape[-1]
             student_logp = logp if same else torch.log_softmax(logits[:, :v] / temperature, dim=-1)
-            kd, kd_grad = divergence.value_and_grad(student_logp, torch.log_softmax(teacher[:, :v] / temperature, dim=-1))
+            teacher_logp = torch.log_softmax(teacher[:, :v] if temperature == 1 else teacher[:, :v] / temperature, dim=-1)
+            kd, kd_grad = divergence.value_and_grad(student_logp, teacher_logp)
             ce = -logp.gather(-1, y[:, None])[:, 0]
             sums += torch.stack([ce.sum(), kd.sum()])
             if grad_hidden is None and grad_weight is None:
                 continue
-            grad = logp.exp_().mul_(1 - kd_rate)  # logp is not read again
+            # In place, each a single pass over the chunk's logits (logp is not read again); the 1 / N
+            # is applied to the small products below instead.
+            grad = logp.exp_().mul_(1 - kd_rate)
             grad[torch.arange(len(y), device=y.device), y] -= 1 - kd_rate
-            grad[:, :v] += kd_grad * (kd_rate / temperature)
+            grad[:, :v].add_(kd_grad, alpha=kd_rate / temperature)
             if softcap:  # d(c tanh(x / c))/dx = 1 - (out / c)^2
                 grad *= 1 - (logits / softcap) ** 2
-            grad = (grad / max(n, 1)).to(weight.dtype)
+            grad = grad.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad @ weight
+                grad_hidden[rows] = (grad @ weight) / n
             if grad_weight is not None:
-                grad_weight.addmm_(grad.T, h)
+                grad_weight.addmm_(grad.T, h, alpha=1 / n)
         ce, kd = sums / max(n, 1)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(ce, kd)
