@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from distillqa.config import ExperimentConfig
 from distillqa.errors import ConfigError
+from distillqa.experiment.config import ExperimentConfig
 
 # Vanilla KD and ULD both match output distributions; DSKD and DSKD-CMA both distil in the
 # two models' representation spaces; sequence-level KD learns the teacher's answers as text, with any

@@ -28,11 +28,11 @@ from typing import Callable
 import torch
 import yaml
 
-from distillqa.config import RationaleExperimentConfig
 from distillqa.errors import ConfigError
 from distillqa.exp_dir import check_config, experiment_lock
 from distillqa.io import read_jsonl, write_json, write_jsonl
 from distillqa.processes import processes
+from distillqa.rationales.config import RationaleExperimentConfig
 from distillqa.rationales.data import RationaleExample, read_rationales
 from distillqa.rationales.tasks import TaskPrompts, WeightedTaskCE, collate_tasks, parse_answer, task_weights, training_items
 from distillqa.train.run_dir import RunDir

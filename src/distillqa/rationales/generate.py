@@ -26,11 +26,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from distillqa.clients import make_client
-from distillqa.config import RationaleGenerateConfig, dump_config
+from distillqa.config import dump_config
 from distillqa.data import load_examples
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, RunDirError
 from distillqa.io import append_jsonl, is_empty, read_partial_jsonl, write_jsonl, write_text
+from distillqa.rationales.config import RationaleGenerateConfig
 
 
 def load_templates(version: str) -> dict:
