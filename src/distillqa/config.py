@@ -110,6 +110,23 @@ class TrainConfig(Section):
                                                  "serve resumption only; with all weights training, one holds weights and "
                                                  "optimizer state: about 1.3 GB for a 100M-parameter model).")
     log_every: int = Field(10, ge=1, description="Log the training loss every this many steps.")
+    eval_every: int = Field(50, ge=0, description="Log the loss on the validation split every this many steps and "
+                            "after the last (0: never); healing, rationale runs and KD from a teacher cache have none, "
+                            "sequence-level KD measures it on the references.")
+    eval_examples: int = Field(64, ge=1, description="Validation examples the loss is measured on (the split's first).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="Trackers (through accelerate) that get every logged row besides log.jsonl, from the main "
+        "process; each needs its package installed. TensorBoard writes into RUN/trackers/.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, v):
+        from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+        available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+        if missing := [name for name in v if not available[name]()]:
+            raise ValueError(f"{', '.join(missing)} not installed; pip install {' '.join(missing)}, or leave it out")
+        return v
 
 
 class GenerationConfig(Section):
