@@ -388,13 +388,3 @@ def validate_config(schema: type[C], raw: dict, source: str = "config") -> C:
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def upgraded(schema: type[BaseModel], raw: Any) -> Any:
-    """A config an earlier version wrote, read with today's schema: keys added since take their
-    defaults, so a new option does not make an old run look changed. Kept as it is when today's
-    schema rejects it (a key removed since), so the comparison shows what differs."""
-    try:
-        return schema.model_validate(raw).model_dump(mode="json")
-    except ValidationError:
-        return raw

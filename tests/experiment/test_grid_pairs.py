@@ -18,7 +18,7 @@ STATES = ("base", "sft")
 
 
 def c(alg: str, teacher: str, ts: str, ss: str) -> str:
-    """A cell's row name, spelled out here rather than taken from grid.cell_name."""
+    """A cell's row name, spelled out here rather than taken from grid.kd_cell_name."""
     return f"kd-{alg}_teacher-{SLUG[teacher]}-{ts}_student-{ss}"
 
 

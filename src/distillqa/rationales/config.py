@@ -80,3 +80,13 @@ class RationaleExperimentConfig(Section):
     @classmethod
     def _apply_preset(cls, v: Any) -> Any:
         return apply_preset(RATIONALE_PRESETS, "cpu", v)
+
+
+class RationaleCellConfig(Section):
+    """What shapes the training of one cell: its run directory's config.yaml, against which a resumed cell is checked."""
+
+    method: Literal["mt", "cf", "mt+cf"]
+    rationale_type: Literal["unrevised", "revised"]
+    seed: int
+    experiment: RationaleExperimentConfig = Field(description="The experiment's config, with the keys that change the "
+                                                  "statistics alone at their defaults.")

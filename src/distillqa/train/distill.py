@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from safetensors.torch import save_file
 
-from distillqa.config import DistillConfig, KDConfig, dump_config
+from distillqa.config import DistillConfig, KDConfig
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
 from distillqa.errors import ConfigError, DataError
@@ -27,8 +26,6 @@ from distillqa.train.objectives import SFTObjective
 from distillqa.train.run_dir import RunDir, save_final
 from distillqa.train.sft import encode_split
 from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split
-
-log = logging.getLogger(__name__)
 
 SAME_VOCAB = ("vanilla", "dskd")
 
@@ -140,12 +137,8 @@ def run_distill_cached(cfg: DistillConfig, resume: bool) -> Path:
 
 
 def open_run(cfg: DistillConfig, resume: bool, report, kept: int, skipped: int) -> RunDir:
-    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="distill", base_model=cfg.student.name, resume=resume)
-    if run.finished:
-        log.info("%s is already finished; nothing to do", run.path)
-    else:
-        run.update(data=report.summary(), train_examples=kept, skipped_too_long=skipped)
-    return run
+    return RunDir.start(cfg.output_dir, cfg, "distill", cfg.student.name, resume, data=report.summary(),
+                        train_examples=kept, skipped_too_long=skipped)
 
 
 def load_student(cfg: DistillConfig):
