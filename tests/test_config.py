@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from distillqa.config import ExperimentConfig, LoraConfig, SFTConfig, apply_overrides, load_config
+from distillqa.config import LoraConfig, SFTConfig, apply_overrides, load_config
 from distillqa.errors import ConfigError
+from distillqa.experiment.config import ExperimentConfig
 
 
 def test_defaults_and_overrides_parse_yaml_values(tmp_path):
@@ -47,7 +48,7 @@ def test_lora_paper_preset_and_explicit_fields_win():
 @pytest.mark.parametrize("command", ["sft", "distill", "generate", "evaluate", "experiment", "teacher-cache", "rationales",
                                      "rationales-generate"])
 def test_described_config_round_trips_to_the_defaults(command, tmp_path):
-    from distillqa.config import SCHEMAS, describe_config
+    from distillqa.schemas import SCHEMAS, describe_config
 
     path = tmp_path / "c.yaml"
     path.write_text(describe_config(SCHEMAS[command]))
@@ -75,7 +76,7 @@ def test_experiment_config_errors_name_what_is_missing():
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    from distillqa.config import SCHEMAS
+    from distillqa.schemas import SCHEMAS
 
     schema = SCHEMAS[path.name.split("-")[0]]
     load_config(schema, path, ["data.source=somewhere.json"] if "data" in schema.model_fields else [])

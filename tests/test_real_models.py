@@ -73,7 +73,7 @@ def test_experiment_grid_with_real_models(tmp_path):
     """A one-state grid on the real models: the pruned student healed from SmolLM2, vocabularies
     detected from the tokenizers, the cross-vocabulary cell trained, every row answered and
     scored, the report written."""
-    from distillqa.config import ExperimentConfig
+    from distillqa.experiment.config import ExperimentConfig
     from distillqa.experiment.runner import run_experiment
 
     cfg = load_config(ExperimentConfig, None, [
@@ -112,7 +112,7 @@ CQA = LLAMA2.parent / "cqa"
 
 @pytest.mark.skipif(not (CQA / "dev_rand_split.jsonl").is_file(), reason="shared CommonsenseQA not present")
 def test_real_teacher_writes_rationales_revisions_and_counterfactuals(tmp_path):
-    from distillqa.config import RationaleGenerateConfig
+    from distillqa.rationales.config import RationaleGenerateConfig
     from distillqa.rationales.data import read_rationales
     from distillqa.rationales.generate import run_rationale_generate
 
@@ -127,7 +127,7 @@ def test_real_teacher_writes_rationales_revisions_and_counterfactuals(tmp_path):
 
 @pytest.mark.skipif(not (LLAMA2 / "train.jsonl").is_file(), reason="shared Llama-2 teacher outputs not present")
 def test_real_student_trains_and_answers_from_llama2_rationales(tmp_path):
-    from distillqa.config import RationaleExperimentConfig
+    from distillqa.rationales.config import RationaleExperimentConfig
     from distillqa.rationales.experiment import run_rationale_experiment
 
     exp = run_rationale_experiment(load_config(RationaleExperimentConfig, None, [

@@ -164,7 +164,8 @@ app.add_typer(experiment_app, name="experiment")
 
 
 def _run_experiment(overrides: list[str], config: Optional[str] = None) -> None:
-    from distillqa.config import ExperimentConfig, load_config
+    from distillqa.config import load_config
+    from distillqa.experiment.config import ExperimentConfig
     from distillqa.experiment.runner import run_experiment
 
     from distillqa.io import check_claimed_dir
@@ -275,7 +276,8 @@ app.add_typer(rationales_app, name="rationales")
 @rationales_app.command("generate")
 def rationales_generate(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """A teacher writes rationales, critique-revised rationales and counterfactual rationales (resumable)."""
-    from distillqa.config import RationaleGenerateConfig, load_config
+    from distillqa.config import load_config
+    from distillqa.rationales.config import RationaleGenerateConfig
     from distillqa.rationales.generate import run_rationale_generate
 
     typer.echo(f"wrote {_guard(lambda: run_rationale_generate(load_config(RationaleGenerateConfig, config, set_)))}")
@@ -284,7 +286,8 @@ def rationales_generate(config: Optional[str] = ConfigArg, set_: Optional[list[s
 @rationales_app.command("experiment")
 def rationales_experiment(config: Optional[str] = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Train MT / CF / MT+CF students per rationale type and seed; accuracy, ANOVA, Tukey, report."""
-    from distillqa.config import RationaleExperimentConfig, load_config
+    from distillqa.config import load_config
+    from distillqa.rationales.config import RationaleExperimentConfig
     from distillqa.rationales.experiment import run_rationale_experiment
 
     from distillqa.io import check_claimed_dir
@@ -430,7 +433,7 @@ def serve(model: str = typer.Argument(..., help="Any model name: registry, run d
 @app.command("config")
 def show_config(command: str = typer.Argument(..., help="sft, distill, generate, evaluate, experiment, teacher-cache, rationales or rationales-generate.")) -> None:
     """Print every config key of a command with its default and description, as YAML."""
-    from distillqa.config import SCHEMAS, describe_config
+    from distillqa.schemas import SCHEMAS, describe_config
 
     if command not in SCHEMAS:
         typer.secho(f"error: unknown command '{command}'; choose from {', '.join(SCHEMAS)}", fg=typer.colors.RED, err=True)

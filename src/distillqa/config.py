@@ -1,8 +1,10 @@
-"""Pydantic schemas for every command's YAML config, with dotted `--set key=value` overrides.
+"""Pydantic schemas of the shared config sections and of the core commands, the preset rule, and the
+loading and `--set key=value` overrides every command's config goes through.
 
-One schema per command (as TRL pairs a config with each trainer); the field descriptions are
-the documentation: `distillqa config COMMAND` prints every key with its default and description. Unknown keys and invalid values are
-rejected with a message that names the key.
+One schema per command (as TRL pairs a config with each trainer); each study keeps its own schemas and
+presets beside its code (`experiment/config.py`, `rationales/config.py`), built from the sections here.
+The field descriptions are the documentation: `distillqa config COMMAND` (schemas.py) prints every key
+with its default and description. Unknown keys and invalid values are rejected with a message that names the key.
 """
 
 from __future__ import annotations
@@ -108,6 +110,23 @@ class TrainConfig(Section):
                                                  "serve resumption only; with all weights training, one holds weights and "
                                                  "optimizer state: about 1.3 GB for a 100M-parameter model).")
     log_every: int = Field(10, ge=1, description="Log the training loss every this many steps.")
+    eval_every: int = Field(50, ge=0, description="Log the loss on the validation split every this many steps and "
+                            "after the last (0: never); healing, rationale runs and KD from a teacher cache have none, "
+                            "sequence-level KD measures it on the references.")
+    eval_examples: int = Field(64, ge=1, description="Validation examples the loss is measured on (the split's first).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="Trackers (through accelerate) that get every logged row besides log.jsonl, from the main "
+        "process; each needs its package installed. TensorBoard writes into RUN/trackers/.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, v):
+        from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+        available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+        if missing := [name for name in v if not available[name]()]:
+            raise ValueError(f"{', '.join(missing)} not installed; pip install {' '.join(missing)}, or leave it out")
+        return v
 
 
 class GenerationConfig(Section):
@@ -280,7 +299,6 @@ class DistillConfig(Section):
 
 
 Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"]
-State = Literal["base", "sft"]
 
 
 class DeriveConfig(Section):
@@ -295,100 +313,6 @@ class DeriveConfig(Section):
     output_dir: str = Field("runs/student", description="The student: a model directory, or a run directory when healed.")
 
 
-class TeacherSpec(Section):
-    name: str = Field(..., description="Teacher model (any model name).")
-    algorithms: list[Algorithm] = Field(..., min_length=1, description="KD algorithms run with this teacher.")
-
-
-class GridConfig(Section):
-    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=angular:22"),
-                                 description="The student of every cell; `<parent>@layers=<spec>` prunes a parent model.")
-    heal: HealConfig = Field(default_factory=lambda: HealConfig(steps=120), description="Healing of a pruned student "
-                             "(`@layers=` in its name) before anything else; its result is the grid's student base. "
-                             "Cached by parent, layers, corpus and budget, and shared by experiments.")
-    teachers: list[TeacherSpec] = Field(
-        default_factory=lambda: [TeacherSpec(name="smollm2-135m", algorithms=["vanilla", "dskd"]),
-                                 TeacherSpec(name="gemma3-270m", algorithms=["dskd-cma", "uld"])],
-        min_length=1, description="Teachers and the algorithms each is distilled with; same or different "
-        "vocabulary is detected from the tokenizers.")
-    teacher_states: list[State] = Field(["base", "sft"], min_length=1, description="Teacher as it is and/or SFT'd first.")
-    student_states: list[State] = Field(["base", "sft"], min_length=1, description="Student as it is and/or SFT'd first.")
-    teacher_cache: bool = Field(False, description="Cache each teacher state once (EXP/teacher_cache/, `distill.cache` "
-                                "settings) and train every vanilla KD cell from it without loading the teacher. It pays "
-                                "when the cells of a teacher state together see more examples than the training split holds.")
-
-    @field_validator("teachers")
-    @classmethod
-    def _unique_teachers(cls, v):
-        names = [t.name for t in v]
-        if len(set(names)) != len(names):
-            raise ValueError(f"each teacher may appear once (got {names})")
-        return v
-
-
-class SFTStageConfig(Section):
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-
-
-class DistillStageConfig(Section):
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    kd: KDConfig = Field(default_factory=KDConfig)
-    cache: CacheSettings = Field(default_factory=CacheSettings, description="The teacher caches of `grid.teacher_cache`.")
-
-
-class StatsConfig(Section):
-    test: Literal["wilcoxon", "ttest", "permutation"] = Field("wilcoxon", description="Paired test per metric.")
-    correction: Literal["holm", "bh", "none"] = Field("holm", description="Correction across the metrics of a hypothesis.")
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (on adjusted p-values).")
-    algorithm_pairs: list[tuple[Algorithm, Algorithm]] = Field(
-        [("dskd", "vanilla"), ("dskd-cma", "uld")], description="Algorithm comparisons, each its own hypothesis (A vs B).")
-
-
-# Presets fill in what the user leaves out; explicit keys always win.
-EXPERIMENT_PRESETS: dict[str, dict] = {
-    # 13 minutes on a 2-core CPU once the student is healed (first run: + 4.6 minutes of healing):
-    # the bundled sample, all 36 test questions, one algorithm per teacher (8 cells), a few steps a stage.
-    # Distillation and the SFT-only baselines train every weight: on the healed student, 8 steps of 4
-    # reach ROUGE-L 0.24 fully fine-tuned (lr 3e-4) against 0.08 with LoRA (lr 1e-3), at the same step time.
-    "quick": {
-        "data": {"source": "bundled:telecom-sample"},
-        "prompt": {"max_length": 256},
-        "grid": {"heal": {"steps": 40},
-                 "teachers": [{"name": "smollm2-135m", "algorithms": ["vanilla"]},
-                              {"name": "gemma3-270m", "algorithms": ["uld"]}]},
-        "sft": {"train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 2}},
-        "distill": {"lora": {"enabled": False},
-                    "train": {"max_steps": 8, "batch_size": 4, "lr": 3e-4, "checkpoint_every": 4}},
-        "generation": {"max_new_tokens": 16, "batch_size": 18},
-        "evaluate": {"metrics": "offline"},
-    },
-    # TeleQuAD (or any QA file) from a path you give, sized for at most 2 hours on a 2-core CPU:
-    # 200 test questions, 8 cells as in quick, 24 steps of 8 per SFT, 16 per KD cell and SFT-only baseline.
-    "cpu": {
-        "data": {"format": "auto", "max_train_examples": 400, "max_eval_examples": 200},
-        "prompt": {"max_length": 384},
-        "grid": {"heal": {"steps": 60},
-                 "teachers": [{"name": "smollm2-135m", "algorithms": ["vanilla"]},
-                              {"name": "gemma3-270m", "algorithms": ["uld"]}]},
-        "sft": {"train": {"max_steps": 24, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 8}},
-        "distill": {"lora": {"enabled": False},
-                    "train": {"max_steps": 16, "batch_size": 8, "lr": 3e-4, "checkpoint_every": 8}},
-        "generation": {"max_new_tokens": 24, "batch_size": 25},
-        "evaluate": {"metrics": "offline"},
-    },
-    # The telecom study's settings, for GPUs.
-    "paper": {
-        "prompt": {"max_length": 512},
-        "sft": {"lora": {"preset": "paper"}, "train": {"epochs": 10, "lr": 1e-3}},
-        "distill": {"lora": {"preset": "paper"}, "train": {"epochs": 10, "lr": 1e-3},
-                    "kd": {"kd_rate": 0.5, "temperature": 2.0}},
-        "evaluate": {"metrics": "default"},
-    },
-}
-
-
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -397,148 +321,10 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def apply_preset(presets: dict[str, dict], default: str, raw: Any) -> Any:
-    """The raw config laid over its preset's values (explicit keys win)."""
+    """The raw config laid over its preset's values: presets fill in what the user leaves out, explicit keys win."""
     if isinstance(raw, dict) and (preset := raw.get("preset", default)) in presets:
         return _deep_merge(presets[preset], raw)
     return raw
-
-
-class HeldOutConfig(Section):
-    """An extra test set that every row of the experiment answers, with its own statistics."""
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Its name: the directory "
-                      "held_out/NAME/ and its section of the report.")
-    data: DataConfig = Field(..., description="Its file (`data.source`) and format; `data.max_eval_examples` limits it.")
-    split: Literal["train", "validation", "test", "all"] = Field(
-        "all", description="The part of the file answered; `all`: every question (a file meant only for testing).")
-    mcq: MCQConfig = Field(default_factory=MCQConfig)
-    metrics: str | None = Field(None, description="Metrics for this set (default: evaluate.metrics); e.g. "
-                                "`acc,acc_norm` with mcq.method=loglikelihood, `choice_accuracy` with generate.")
-
-    @model_validator(mode="after")
-    def _metrics_match_method(self):
-        names = {m.strip() for m in (self.metrics or "").split(",")}
-        if names & {"acc", "acc_norm"} and self.mcq.method != "loglikelihood":
-            raise ValueError(f"held-out set '{self.name}': metrics acc and acc_norm need mcq.method=loglikelihood")
-        return self
-
-
-class ExperimentConfig(Section):
-    """`distillqa experiment run`: the teacher x student x algorithm x vocabulary grid, statistics and report."""
-
-    preset: Literal["quick", "cpu", "paper", "none"] = Field(
-        "quick", description="Defaults for the rest: quick (bundled sample, minutes on a CPU), cpu (your data file, "
-        "overnight on a CPU), paper (the study's settings, GPUs), none.")
-    grid: GridConfig = Field(default_factory=GridConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="SFT of teachers and student.")
-    distill: DistillStageConfig = Field(default_factory=DistillStageConfig, description="Every KD cell.")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    stats: StatsConfig = Field(default_factory=StatsConfig)
-    held_out: list[HeldOutConfig] = Field(
-        [], description="Extra test files, each answered by every row and given its own rows and hypothesis tables, e.g. "
-        "`[{name: cqa, data: {source: dev.jsonl}, mcq: {method: loglikelihood}, metrics: 'acc,acc_norm'}]`. "
-        "Sets may be added to an experiment that has run; a set's definition may not change.")
-    output_dir: str = Field("runs/experiment", description="Experiment directory (all stages, results and report).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, v: Any) -> Any:
-        return apply_preset(EXPERIMENT_PRESETS, "quick", v)
-
-    @model_validator(mode="after")
-    def _needs(self):
-        names = [h.name for h in self.held_out]
-        if len(set(names)) != len(names):
-            raise ValueError(f"held_out: names must be unique, got {names}")
-        if self.grid.teacher_cache and self.distill.kd.temperature != 1:
-            raise ValueError("grid.teacher_cache: a teacher cache holds log-probabilities at temperature 1; "
-                             f"set distill.kd.temperature=1 (got {self.distill.kd.temperature:g})")
-        if self.grid.teacher_cache and self.distill.cache.method == "sampling" and self.distill.kd.divergence != "forward_kl":
-            raise ValueError("grid.teacher_cache: a sampling cache is an unbiased target for forward KL only; set "
-                             "distill.kd.divergence=forward_kl or distill.cache.method=topk")
-        if self.preset == "cpu" and self.data.source.startswith("bundled:"):
-            raise ValueError("preset 'cpu' needs data.source: the path of your QA file (e.g. TeleQuAD-v4-full.json)")
-        specs = [self.evaluate.metrics] + [h.metrics for h in self.held_out if h.metrics]
-        judged = any(m.strip() in ("default", "judge", "faithfulness", "answer_correctness", "answer_relevance")
-                     for spec in specs for m in spec.split(","))
-        if judged and not (self.evaluate.judge.url or self.evaluate.judge.local_model):
-            raise ValueError("evaluate.metrics includes judge metrics: set evaluate.judge.url and evaluate.judge.model "
-                             "(or evaluate.judge.local_model), or use evaluate.metrics=offline")
-        return self
-
-
-class RationaleGenerateConfig(Section):
-    """`distillqa rationales generate`: teacher rationales, critique-revisions and counterfactuals."""
-
-    teacher: JudgeConfig = Field(default_factory=JudgeConfig, description="The teacher: `local_model` (any model "
-                                 "name), or `url` + `model` of an OpenAI-compatible endpoint; cache, concurrency, retries, "
-                                 "max_tokens as for the judge.")
-    data: DataConfig = Field(default_factory=lambda: DataConfig(source="train_rand_split.jsonl", format="cqa"),
-                             description="Multiple-choice questions, e.g. CommonsenseQA train.")
-    limit: int | None = Field(None, ge=1, description="The first N questions.")
-    kinds: list[Literal["revised", "counterfactual"]] = Field(
-        ["revised", "counterfactual"], description="Besides the rationale: critique-revised rationales, counterfactual rationales.")
-    revisions: int = Field(2, ge=1, description="Critique-revision instruction pairs sampled per question.")
-    templates: str = Field("v1", description="Version of the prompt templates (src/distillqa/rationales/templates/).")
-    batch_size: int = Field(8, ge=1, description="Questions per batch of teacher requests.")
-    seed: int = Field(0, description="Seed of the instruction-pair sampling.")
-    output: str = Field("runs/teacher-rationales.jsonl", description="Output JSONL (distillqa's rationale layout).")
-
-
-RATIONALE_PRESETS: dict[str, dict] = {
-    # A CPU-sized run: a subset of CQA train, a subset of dev, a few minutes per cell.
-    "cpu": {
-        "max_train_examples": 64, "max_eval_examples": 60,
-        "train": {"max_steps": 16, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 8},
-        # CF writes the whole rationale before its answer: revised rationales run to ~115 tokens.
-        "generation": {"max_new_tokens": 160, "batch_size": 25},
-    },
-    # Hendriks et al.: lr 5e-5, batch 48, 5,000 steps, input and output length 300, full fine-tuning
-    # (their students were T5-v1.1 base/large: set student.name to one).
-    "paper": {
-        "lora": {"enabled": False},
-        "prompt": {"max_length": 300},
-        "train": {"max_steps": 5000, "batch_size": 48, "lr": 5e-5, "checkpoint_every": 500},
-        "generation": {"max_new_tokens": 300, "batch_size": 64},
-    },
-}
-
-
-class RationaleExperimentConfig(Section):
-    """`distillqa rationales experiment`: method x rationale type x seed, accuracy and ANOVA."""
-
-    preset: Literal["cpu", "paper", "none"] = Field("cpu", description="cpu (minutes per cell on a CPU), paper "
-                                                    "(the study's settings, GPUs), none.")
-    student: ModelConfig = Field(default_factory=ModelConfig, description="The student: a causal LM or an encoder-decoder LM (T5).")
-    train_file: str | None = Field(None, description="Rationale JSONL for training (distillqa's layout or the "
-                                   "Llama-2 teacher outputs' columns), e.g. .../cqa-teacher-llama2/train.jsonl.")
-    eval_file: str | None = Field(None, description="Rationale JSONL whose questions, choices and answers are "
-                                  "the test set, e.g. .../cqa-teacher-llama2/test.jsonl (CQA dev).")
-    max_train_examples: int | None = Field(None, ge=1, description="The first N training questions.")
-    max_eval_examples: int | None = Field(None, ge=1, description="The first N test questions.")
-    methods: list[Literal["mt", "cf", "mt+cf"]] = Field(["mt", "cf", "mt+cf"], min_length=1, description="Training methods.")
-    rationale_types: list[Literal["unrevised", "revised"]] = Field(
-        ["unrevised", "revised"], min_length=1, description="Explanation targets: few-shot or critique-revised rationales.")
-    seeds: list[int] = Field([0, 1], min_length=1, description="Seeds (data order, LoRA init, counterfactual choice).")
-    alpha: float = Field(0.5, ge=0, le=1, description="MT: alpha * L_answer + (1 - alpha) * L_explain.")
-    beta: float = Field(0.5, ge=0, le=1, description="CF: beta * L_factual + (1 - beta) * L_counterfactual.")
-    gamma: float = Field(0.5, ge=0, le=1, description="MT+CF: gamma * MT + (1 - gamma) * CF.")
-    explain_examples: int = Field(20, ge=0, description="Test questions that also get an explanation written (MT, MT+CF).")
-    iqr_outlier: float = Field(1.5, ge=0, description="Drop runs beyond this many IQRs from their group's quartiles "
-                               "before the ANOVA (0 keeps all).")
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    output_dir: str = Field("runs/rationales", description="Experiment directory.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, v: Any) -> Any:
-        return apply_preset(RATIONALE_PRESETS, "cpu", v)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -602,40 +388,3 @@ def validate_config(schema: type[C], raw: dict, source: str = "config") -> C:
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def upgraded(schema: type[BaseModel], raw: Any) -> Any:
-    """A config an earlier version wrote, read with today's schema: keys added since take their
-    defaults, so a new option does not make an old run look changed. Kept as it is when today's
-    schema rejects it (a key removed since), so the comparison shows what differs."""
-    try:
-        return schema.model_validate(raw).model_dump(mode="json")
-    except ValidationError:
-        return raw
-
-
-SCHEMAS: dict[str, type[BaseModel]] = {
-    "sft": SFTConfig, "distill": DistillConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig,
-    "experiment": ExperimentConfig, "teacher-cache": TeacherCacheConfig, "rationales": RationaleExperimentConfig,
-    "rationales-generate": RationaleGenerateConfig,
-}
-
-
-def describe_config(schema: type[BaseModel]) -> str:
-    """A commented YAML file of every key of `schema` with its default and description."""
-    lines: list[str] = []
-
-    def walk(model: BaseModel, indent: str) -> None:
-        for name, field in type(model).model_fields.items():
-            value = getattr(model, name)
-            if isinstance(value, BaseModel):
-                lines.append(f"{indent}{name}:")
-                walk(value, indent + "  ")
-                continue
-            dumped = yaml.safe_dump({name: model.model_dump(mode="json")[name]},
-                                    default_flow_style=True, width=1000).strip().strip("{}")
-            comment = f"  # {field.description}" if field.description else ""
-            lines.append(f"{indent}{dumped}{comment}")
-
-    walk(schema(), "")
-    return "\n".join(lines) + "\n"

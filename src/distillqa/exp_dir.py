@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator
 import yaml
 from pydantic import BaseModel
 
-from distillqa.config import dump_config, upgraded
+from distillqa.config import dump_config
+from distillqa.config_changes import changed_keys, upgraded
 from distillqa.errors import RunDirError
 from distillqa.io import write_text
-from distillqa.train.run_dir import diff_keys
 
 
 @contextmanager
@@ -54,13 +54,14 @@ def check_config(exp: Path, cfg: BaseModel, mutable: tuple[str, ...] = ("stats."
     statistics, which are recomputed, and nothing else. A top-level key of `may_grow` may also
     change, when it is the only change and its check `(old value, new value)` accepts it (stages
     added, none changed)."""
-    path, text = exp / "experiment.yaml", dump_config(cfg)
+    path = exp / "experiment.yaml"
     if path.is_file():
-        old, new = upgraded(type(cfg), yaml.safe_load(path.read_text())), yaml.safe_load(text)
-        diff = [k for k in diff_keys(old, new) if not k.startswith(mutable)]
-        if len(diff) == 1 and diff[0] in (may_grow or {}) and may_grow[diff[0]](old[diff[0]], new[diff[0]]):
+        previous = yaml.safe_load(path.read_text())
+        diff = [k for k in changed_keys(cfg, previous) if not k.startswith(mutable)]
+        if len(diff) == 1 and diff[0] in (may_grow or {}) and may_grow[diff[0]](
+                upgraded(type(cfg), previous)[diff[0]], cfg.model_dump(mode="json")[diff[0]]):
             diff = []
         if diff:
             raise RunDirError(f"{exp} holds an experiment with a different config ({', '.join(diff)}); "
                               "choose another output_dir or delete it")
-    write_text(path, text)
+    write_text(path, dump_config(cfg))

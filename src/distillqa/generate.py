@@ -14,16 +14,17 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from distillqa.config import GenerateConfig, GenerationConfig, dump_config, upgraded
+from distillqa.config import GenerateConfig, GenerationConfig, dump_config
+from distillqa.config_changes import changed_keys, previous_config
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_left
 from distillqa.data.readers import iter_json_lines
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, DataError, RunDirError
-from distillqa.io import append_jsonl, is_empty, read_jsonl, read_partial_jsonl, write_json, write_jsonl, write_text
+from distillqa.io import (append_jsonl, finish_partial, is_empty, partial_path, read_jsonl, read_partial_jsonl, resume_partial,
+                          write_json, write_jsonl, write_text)
 from distillqa.loglik import sequence_logprobs
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.models.traits import is_encoder_decoder
@@ -169,10 +170,8 @@ def answer_in_batches(examples: list[QAExample], prompts: dict[str, list[int] | 
     if out_path.is_file():
         return out_path
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.stem + ".partial.jsonl")
-    done_rows = read_partial_jsonl(partial)
-    write_jsonl(partial, done_rows)  # drops a torn last line before appending again
-    done = {r["id"] for r in done_rows}
+    partial = partial_path(out_path)
+    done = resume_partial(out_path)
 
     todo = [ex for ex in examples if prompts[ex.id] is not None]
     skipped = [ex for ex in examples if prompts[ex.id] is None]
@@ -192,9 +191,7 @@ def answer_in_batches(examples: list[QAExample], prompts: dict[str, list[int] | 
         fields = answer(chunk, index)
         append_jsonl(partial, [_row(ex, f, prompts[ex.id], tok) for ex, f in zip(chunk, fields) if ex.id not in done])
 
-    rows = {r["id"]: r for r in read_partial_jsonl(partial)}
-    write_jsonl(out_path, [rows[ex.id] for ex in examples])
-    partial.unlink()
+    finish_partial(out_path, [ex.id for ex in examples])
     return out_path
 
 
@@ -218,14 +215,6 @@ def _row(ex: QAExample, answer: dict, ids: list[int] | None, tok, note: str | No
     return row
 
 
-def _previous_config(path: Path):
-    """The config a previous run here wrote, with options added since at their defaults (None if damaged)."""
-    try:
-        return upgraded(GenerateConfig, yaml.safe_load(path.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None
-
-
 def run_generate(cfg: GenerateConfig) -> Path:
     """Answer `cfg.split`; an output directory is reused (resumed) only for the same config.
 
@@ -235,14 +224,14 @@ def run_generate(cfg: GenerateConfig) -> Path:
     out_dir = Path(cfg.output_dir)
     config_path = out_dir / "generate_config.yaml"
     predictions = out_dir / "predictions.jsonl"
-    partial = predictions.with_name("predictions.partial.jsonl")
+    partial = partial_path(predictions)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"output_dir {out_dir} exists and is not a directory")
     if not config_path.is_file() and not is_empty(out_dir):
         raise RunDirError(f"output_dir {out_dir} exists, is not empty and holds no distillqa generate output "
                           "(generate_config.yaml); choose another output_dir")
     made = (predictions.is_file() or bool(read_partial_jsonl(partial))) if config_path.is_file() else False
-    if made and _previous_config(config_path) != cfg.model_dump(mode="json"):
+    if made and changed_keys(cfg, previous_config(config_path)):
         raise RunDirError(f"{out_dir} holds predictions made with a different config; choose another output_dir or delete it")
     splits, _ = load_splits(cfg.data)
     examples = splits[cfg.split]

@@ -190,3 +190,23 @@ def read_partial_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 break
     return rows
+
+
+# --- a resumable output: rows appended to OUT.partial.jsonl, then written in order as OUT --------
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".partial.jsonl")
+
+
+def resume_partial(out: Path) -> set[str]:
+    """The ids of the rows a killed writer of `out` already appended to its partial file, whose torn
+    last line (if any) is dropped so that appending can go on."""
+    rows = read_partial_jsonl(partial_path(out))
+    write_jsonl(partial_path(out), rows)
+    return {r["id"] for r in rows}
+
+
+def finish_partial(out: Path, ids: list[str]) -> None:
+    """Write `out` from the partial file's rows in the order of `ids`, then remove the partial file."""
+    rows = {r["id"]: r for r in read_partial_jsonl(partial_path(out))}
+    write_jsonl(out, [rows[i] for i in ids])
+    partial_path(out).unlink()

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from distillqa.config import ExperimentConfig, load_config
+from distillqa.config import load_config
+from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.grid import plan_hypotheses, plan_rows
 
 T1, T2 = "smollm2-135m", "gemma3-270m"  # same vocabulary as the student; a different one
@@ -17,7 +18,7 @@ STATES = ("base", "sft")
 
 
 def c(alg: str, teacher: str, ts: str, ss: str) -> str:
-    """A cell's row name, spelled out here rather than taken from grid.cell_name."""
+    """A cell's row name, spelled out here rather than taken from grid.kd_cell_name."""
     return f"kd-{alg}_teacher-{SLUG[teacher]}-{ts}_student-{ss}"
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillqa.config import ExperimentConfig, load_config
+from distillqa.config import load_config
 from distillqa.errors import RunDirError
+from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.runner import run_experiment
 
 from conftest import write_jsonl

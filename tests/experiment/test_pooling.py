@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillqa.config import ExperimentConfig
+from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.report import compute_results
 
 Q = ["q1", "q2", "q3", "q4"]

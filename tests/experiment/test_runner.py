@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillqa.config import ExperimentConfig, load_config
+from distillqa.config import load_config
 from distillqa.errors import ConfigError, RunDirError
 from distillqa.exp_dir import check_config, experiment_lock
+from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.grid import plan_hypotheses, plan_rows
 from distillqa.experiment.runner import run_experiment
 

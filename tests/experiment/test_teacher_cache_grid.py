@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from distillqa.config import ExperimentConfig, load_config
+from distillqa.config import load_config
 from distillqa.errors import ConfigError
+from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.runner import run_experiment
 
 

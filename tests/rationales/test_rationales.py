@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillqa.config import RationaleExperimentConfig, load_config
+from distillqa.config import load_config
 from distillqa.errors import ConfigError, DataError
+from distillqa.rationales.config import RationaleExperimentConfig
 from distillqa.rationales.data import read_rationales
 from distillqa.rationales.stats import anova, iqr_filter
 from distillqa.rationales.tasks import (TASKS, TaskPrompts, WeightedTaskCE, collate_tasks, parse_answer, task_weights,
@@ -196,7 +197,7 @@ def test_missing_files_and_counterfactuals_are_clear_errors(tmp_path):
 
 
 def test_teacher_generation_is_complete_resumable_and_recorded(tiny_chat_model, tmp_path):
-    from distillqa.config import RationaleGenerateConfig
+    from distillqa.rationales.config import RationaleGenerateConfig
     from distillqa.rationales.generate import run_rationale_generate
 
     cqa = [{"id": f"c{i}", "question": {"stem": f"Where is thing {i}?", "choices": [

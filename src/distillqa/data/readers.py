@@ -64,7 +64,7 @@ def load_examples(
         check_data_file(Path(explanations))
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "jsonl":
-        examples, report = read_jsonl(path)
+        examples, report = read_qa_jsonl(path)
     elif fmt == "squad":
         examples, report = read_squad(path, include_unanswerable=include_unanswerable, on_bad_answer=on_bad_answer)
     elif fmt == "cqa":
@@ -150,8 +150,9 @@ def _text(row: dict, key: str, path: Path, where: str, required: bool = True) ->
     return value
 
 
-def read_jsonl(path: Path) -> tuple[list[QAExample], LoadReport]:
-    """Read the generic format (see the module docstring and the README)."""
+def read_qa_jsonl(path: Path) -> tuple[list[QAExample], LoadReport]:
+    """Read the generic QA format (see the module docstring and the README); for JSONL files distillqa
+    wrote itself, see `distillqa.io.read_jsonl`."""
     examples, seen, report = [], {}, LoadReport()
     for lineno, row in iter_json_lines(path):
         where = f"line {lineno}"

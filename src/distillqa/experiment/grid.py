@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from distillqa.config import ExperimentConfig
 from distillqa.errors import ConfigError
+from distillqa.experiment.config import ExperimentConfig
 
 # Vanilla KD and ULD both match output distributions; DSKD and DSKD-CMA both distil in the
 # two models' representation spaces; sequence-level KD learns the teacher's answers as text, with any
@@ -69,7 +69,7 @@ def sft_only_name(student_state: str) -> str:
     return f"sft-only_student-{student_state}"
 
 
-def cell_name(teacher: str, t_state: str, s_state: str, algorithm: str) -> str:
+def kd_cell_name(teacher: str, t_state: str, s_state: str, algorithm: str) -> str:
     return f"kd-{algorithm}_teacher-{slug(teacher)}-{t_state}_student-{s_state}"
 
 
@@ -96,7 +96,7 @@ def plan_rows(cfg: ExperimentConfig, same_vocab: dict[str, bool]) -> list[Row]:
                     f"{grid.student.name} map tokens to ids differently; use 'dskd-cma', 'uld' or 'seqkd' for this teacher")
             for t_state in grid.teacher_states:
                 for s_state in grid.student_states:
-                    rows.append(Row(cell_name(t.name, t_state, s_state, algorithm), "cell", {
+                    rows.append(Row(kd_cell_name(t.name, t_state, s_state, algorithm), "cell", {
                         "teacher": t.name, "teacher_state": t_state, "student_state": s_state, "algorithm": algorithm,
                         "family": ALGORITHM_FAMILY[algorithm], "vocabulary": vocab}))
     return rows

@@ -25,9 +25,9 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from distillqa.config import (DistillConfig, ExperimentConfig, GenerateConfig, ModelConfig, SFTConfig,
-                               TeacherCacheConfig)
+from distillqa.config import DistillConfig, GenerateConfig, ModelConfig, SFTConfig, TeacherCacheConfig
 from distillqa.exp_dir import check_config, directory_lock, experiment_lock
+from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.grid import (STUDENT_SFT_DIR, Row, held_out_dir, plan_hypotheses, plan_rows, slug,
                                        teacher_cache_dir, teacher_sft_dir)
 from distillqa.io import write_json

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from distillqa.clients import make_client
 from distillqa.config import EvaluateConfig
+from distillqa.data.readers import iter_json_lines
 from distillqa.errors import DataError
 from distillqa.io import read_jsonl, write_json, write_jsonl
 from distillqa.metrics.registry import METRICS, resolve_metrics
@@ -30,35 +31,22 @@ log = logging.getLogger(__name__)
 
 def read_predictions(path: Path) -> list[dict]:
     rows, seen = [], {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(str(path), f"line {lineno}", None, f"not UTF-8 text (byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), f"line {lineno}", None, f"invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(str(path), f"line {lineno}", None, "each line must be a JSON object")
-            where = f"line {lineno} (id '{row.get('id')}')"
-            if not isinstance(row.get("id"), str) or not row["id"]:
-                raise DataError(str(path), f"line {lineno}", "id", "missing or empty")
-            if row["id"] in seen:
-                raise DataError(str(path), where, "id", f"duplicate of line {seen[row['id']]}")
-            seen[row["id"]] = lineno
-            if not isinstance(row.get("prediction"), str):
-                raise DataError(str(path), where, "prediction", "missing or not a string")
-            refs = row.get("references")
-            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
-                raise DataError(str(path), where, "references", "must be a non-empty list of non-empty strings")
-            if row.get("skipped") is not None and not isinstance(row["skipped"], bool):
-                raise DataError(str(path), where, "skipped", "must be true or false")
-            _check_choice_fields(row, path, where)
-            rows.append(row)
+    for lineno, row in iter_json_lines(path):
+        where = f"line {lineno} (id '{row.get('id')}')"
+        if not isinstance(row.get("id"), str) or not row["id"]:
+            raise DataError(str(path), f"line {lineno}", "id", "missing or empty")
+        if row["id"] in seen:
+            raise DataError(str(path), where, "id", f"duplicate of line {seen[row['id']]}")
+        seen[row["id"]] = lineno
+        if not isinstance(row.get("prediction"), str):
+            raise DataError(str(path), where, "prediction", "missing or not a string")
+        refs = row.get("references")
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            raise DataError(str(path), where, "references", "must be a non-empty list of non-empty strings")
+        if row.get("skipped") is not None and not isinstance(row["skipped"], bool):
+            raise DataError(str(path), where, "skipped", "must be true or false")
+        _check_choice_fields(row, path, where)
+        rows.append(row)
     if not rows:
         raise DataError(str(path), None, None, "the file is empty: no predictions to score")
     return rows

@@ -79,19 +79,28 @@ _ALL = [
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
 DEFAULT_METRICS = [m.name for m in _ALL if m.default]
 OFFLINE_METRICS = [m.name for m in _ALL if m.default and m.family != "judge"]
+GROUPS: dict[str, list[str]] = {
+    "default": DEFAULT_METRICS, "offline": OFFLINE_METRICS,
+    **{fam: [m.name for m in _ALL if m.family == fam and m.default] for fam in ("ngram", "embedding", "judge")},
+}
 
 
 def resolve_metrics(spec: str | list[str]) -> list[Metric]:
     """Metric names, comma-separated; `default` (the 14), `offline` (the 11 without a judge), or families by name."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
-    groups = {"default": DEFAULT_METRICS, "offline": OFFLINE_METRICS}
-    groups.update({fam: [m.name for m in _ALL if m.family == fam and m.default] for fam in ("ngram", "embedding", "judge")})
     out: list[Metric] = []
     for name in (n.strip() for n in names):
-        if name in groups:
-            out += [METRICS[n] for n in groups[name]]
+        if name in GROUPS:
+            out += [METRICS[n] for n in GROUPS[name]]
         elif name in METRICS:
             out.append(METRICS[name])
         elif name:
-            raise ConfigError(f"metrics: unknown metric '{name}'; known: {', '.join(METRICS)} (or {', '.join(groups)})")
+            raise ConfigError(f"metrics: unknown metric '{name}'; known: {', '.join(METRICS)} (or {', '.join(GROUPS)})")
     return list(dict.fromkeys(out))
+
+
+def asks_for_judge(spec: str) -> bool:
+    """Whether a comma-separated metrics spec names a judge metric, itself or through a group; unknown
+    names are left for `resolve_metrics` to refuse."""
+    names = (n.strip() for n in spec.split(","))
+    return any(METRICS[m].family == "judge" for n in names for m in GROUPS.get(n, [n] if n in METRICS else []))

@@ -31,11 +31,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 def merge_run(run_dir: str, out_dir: str) -> None:
     """Write a finished run's model (its adapter merged into the base) as a standalone directory."""
-    from distillqa.io import atomic_path
-    from distillqa.models.registry import load_model, load_tokenizer
+    from distillqa.models.registry import load_model, load_tokenizer, save_model
 
-    model = load_model(run_dir, precision="fp32")
-    tok = load_tokenizer(run_dir)
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+    save_model(load_model(run_dir, precision="fp32"), load_tokenizer(run_dir), out_dir)

@@ -112,11 +112,15 @@ def derive_student(base: str, spec: str, out_dir: str | Path) -> Path:
     model, tok = load_model(base, precision="fp32"), load_tokenizer(base)
     keep, _ = select_layers(model, spec, bundled_calibration(tok) if is_measured(spec) else None)
     prune_layers(model, keep)
-    out = Path(out_dir)
-    with atomic_path(out) as tmp:
+    return save_model(model, tok, out_dir)
+
+
+def save_model(model, tok, out_dir: str | Path) -> Path:
+    """Write `model` (safetensors) with its tokenizer as the directory `out_dir`, atomically; return it."""
+    with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    return out
+    return Path(out_dir)
 
 
 def cached_student(base: str, spec: str) -> Path:

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
-from distillqa.config import RationaleExperimentConfig
 from distillqa.errors import ConfigError
 from distillqa.exp_dir import check_config, experiment_lock
 from distillqa.io import read_jsonl, write_json, write_jsonl
 from distillqa.processes import processes
+from distillqa.rationales.config import RationaleCellConfig, RationaleExperimentConfig
 from distillqa.rationales.data import RationaleExample, read_rationales
 from distillqa.rationales.tasks import TaskPrompts, WeightedTaskCE, collate_tasks, parse_answer, task_weights, training_items
 from distillqa.train.run_dir import RunDir
@@ -41,7 +40,7 @@ ANSWER_TOKENS = 16  # "The answer is <choice>." fits easily
 STATS_ONLY = ("iqr_outlier",)  # config keys that may change between runs: the statistics are recomputed
 
 
-def cell_name(method: str, rationale_type: str, seed: int) -> str:
+def rationale_cell_name(method: str, rationale_type: str, seed: int) -> str:
     return f"{method.replace('+', '-')}_{rationale_type}_seed{seed}"
 
 
@@ -71,10 +70,11 @@ def train_cell(cfg: RationaleExperimentConfig, path: Path, prompts: TaskPrompts,
     weights = task_weights(method, cfg.alpha, cfg.beta, cfg.gamma)
     items, skipped = training_items(prompts, train, weights, rationale_type, seed)
     # Only what shapes the training: keys that change the statistics alone may differ on resume.
-    cell_cfg = yaml.safe_dump({"method": method, "rationale_type": rationale_type, "seed": seed,
-                               "experiment": cfg.model_dump(mode="json", exclude=set(STATS_ONLY))}, sort_keys=False)
-    run = RunDir.open(path, cell_cfg, kind="rationale", base_model=cfg.student.name, resume=(path / "run.json").is_file())
-    run.update(train_examples=len(items), skipped_too_long=skipped, weights=weights)
+    stats_defaults = {key: RationaleExperimentConfig.model_fields[key].default for key in STATS_ONLY}
+    cell_cfg = RationaleCellConfig(method=method, rationale_type=rationale_type, seed=seed,
+                                   experiment=cfg.model_copy(update=stats_defaults))
+    run = RunDir.start(path, cell_cfg, "rationale", cfg.student.name, resume=(path / "run.json").is_file(),
+                       train_examples=len(items), skipped_too_long=skipped, weights=weights)
     torch.manual_seed(seed)
     model = apply_lora(load_model(cfg.student.name, cfg.student.precision, cfg.student.trust_remote_code), cfg.lora)
     train_loop(model, WeightedTaskCE(weights), items, cfg.train.model_copy(update={"seed": seed}), run,
@@ -139,7 +139,7 @@ def run_rationale_experiment(cfg: RationaleExperimentConfig, echo: Callable[[str
     launch = processes()
     if not launch.is_main_process:  # the others of a data-parallel launch (torchrun) train every cell with it
         for method, rtype, seed in cells:
-            if not RunDir(run_path := exp / "cells" / cell_name(method, rtype, seed)).finished:
+            if not RunDir(run_path := exp / "cells" / rationale_cell_name(method, rtype, seed)).finished:
                 train_cell(cfg, run_path, prompts, tok, train, method, rtype, seed)
         launch.wait_for_everyone()  # until the main process has written the results
         return exp
@@ -152,7 +152,7 @@ def run_rationale_experiment(cfg: RationaleExperimentConfig, echo: Callable[[str
 
         runs = []
         for k, (method, rtype, seed) in enumerate(cells):
-            name = cell_name(method, rtype, seed)
+            name = rationale_cell_name(method, rtype, seed)
             run_path, out = exp / "cells" / name, exp / "answers" / name
             if not RunDir(run_path).finished:
                 progress(k, f"train {name}")

@@ -26,11 +26,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from distillqa.clients import make_client
-from distillqa.config import RationaleGenerateConfig, dump_config
+from distillqa.config import dump_config
+from distillqa.config_changes import changed_keys, previous_config
 from distillqa.data import load_examples
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, RunDirError
-from distillqa.io import append_jsonl, is_empty, read_partial_jsonl, write_jsonl, write_text
+from distillqa.io import append_jsonl, finish_partial, is_empty, partial_path, read_partial_jsonl, resume_partial, write_text
+from distillqa.rationales.config import RationaleGenerateConfig
 
 
 def load_templates(version: str) -> dict:
@@ -107,14 +109,14 @@ def run_rationale_generate(cfg: RationaleGenerateConfig) -> Path:
         raise ConfigError("teacher: set teacher.local_model (a model name) or teacher.url and teacher.model (an endpoint)")
     out = Path(cfg.output)
     config_path = out.with_name(out.stem + ".config.yaml")
-    partial = out.with_name(out.stem + ".partial.jsonl")
+    partial = partial_path(out)
     if out.is_dir() or out.is_symlink():
         raise RunDirError(f"output {out} is a directory or a link; give a file name such as {out}/rationales.jsonl")
     if not config_path.is_file() and not (is_empty(out) and is_empty(partial)):
         raise RunDirError(f"output {out} already exists and was not written by distillqa rationales generate "
                           f"(no {config_path.name} beside it); choose another output")
     made = out.is_file() or bool(read_partial_jsonl(partial))
-    if made and config_path.read_text(encoding="utf-8") != dump_config(cfg):
+    if made and changed_keys(cfg, previous_config(config_path)):
         raise RunDirError(f"{out} was generated with a different config ({config_path}); choose another output")
     if out.is_file():
         return out
@@ -129,14 +131,10 @@ def run_rationale_generate(cfg: RationaleGenerateConfig) -> Path:
                   "template_version": templates["version"],
                   "decoding": {"max_tokens": cfg.teacher.max_tokens, "greedy": True}, "revisions": cfg.revisions,
                   "seed": cfg.seed}
-    done_rows = read_partial_jsonl(partial)
-    write_jsonl(partial, done_rows)  # drops a torn last line before appending again
-    done = {r["id"] for r in done_rows}
+    done = resume_partial(out)
     todo = [ex for ex in examples if ex.id not in done]
     prompts = Prompts(templates)
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc="rationales", unit="batch"):
         append_jsonl(partial, generate_batch_rows(teacher, prompts, todo[start : start + cfg.batch_size], cfg, provenance))
-    rows = {r["id"]: r for r in read_partial_jsonl(partial)}
-    write_jsonl(out, [rows[ex.id] for ex in examples])
-    partial.unlink()
+    finish_partial(out, [ex.id for ex in examples])
     return out

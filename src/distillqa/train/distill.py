@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from safetensors.torch import save_file
 
-from distillqa.config import DistillConfig, KDConfig, dump_config
+from distillqa.config import DistillConfig, KDConfig
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
 from distillqa.errors import ConfigError, DataError
@@ -21,13 +20,12 @@ from distillqa.models.traits import same_tokenizer
 from distillqa.processes import processes
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
 from distillqa.train.kd import ULD, CachedKD, VanillaKD
-from distillqa.train.loop import examples_trained_on, train
+from distillqa.train.loop import examples_trained_on, train, validation_examples
 from distillqa.train.losses import DIVERGENCES, SampledKL, TopKTail
 from distillqa.train.objectives import SFTObjective
 from distillqa.train.run_dir import RunDir, save_final
+from distillqa.train.sft import encode_split
 from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split
-
-log = logging.getLogger(__name__)
 
 SAME_VOCAB = ("vanilla", "dskd")
 
@@ -47,6 +45,13 @@ def make_objective(cfg: KDConfig, teacher, student):
     if cfg.algorithm == "dskd-cma":
         return DSKDCrossModelAttention(teacher, student, div, r, chunk)
     return ULD(teacher, r, cfg.temperature, chunk)
+
+
+def encode_pairs(build_s: PromptBuilder, build_t: PromptBuilder, examples, same_vocab: bool) -> list[tuple]:
+    """Student and teacher encodings of the examples that fit both models; with `same_vocab` one
+    tokenisation serves both."""
+    pairs = [(build_s.encode_train(ex), build_t.encode_train(ex)) for ex in examples]
+    return [(s, s if same_vocab else t) for s, t in pairs if s is not None and t is not None]
 
 
 def collate_pairs(items, pad_student: int, pad_teacher: int) -> dict:
@@ -75,22 +80,21 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
     build_s = PromptBuilder(tok_s, prompt.template, prompt.instruction, prompt.max_length)
     build_t = PromptBuilder(tok_t, prompt.template, prompt.instruction, prompt.max_length)
     if cfg.kd.algorithm == "seqkd":
-        return run_sequence_kd(cfg, splits["train"], report, build_s, build_t, resume)
+        validation, _ = encode_split(build_s, validation_examples(splits, cfg.train))
+        return run_sequence_kd(cfg, splits["train"], report, build_s, build_t, resume, validation)
     same = same_tokenizer(tok_s, tok_t)
     if cfg.kd.algorithm in SAME_VOCAB and not same:
         raise ConfigError(
             f"kd.algorithm: '{cfg.kd.algorithm}' needs teacher and student to share a tokenizer, but "
             f"{cfg.teacher.name} and {cfg.student.name} map tokens to ids differently; use 'dskd-cma', 'uld' or 'seqkd'"
         )
-    pairs = [(build_s.encode_train(ex), build_t.encode_train(ex)) for ex in splits["train"]]
-    data = [(s, t) for s, t in pairs if s is not None and t is not None]
-    if cfg.kd.algorithm in SAME_VOCAB:
-        data = [(s, s) for s, _ in data]  # one tokenisation serves both models
+    data = encode_pairs(build_s, build_t, splits["train"], cfg.kd.algorithm in SAME_VOCAB)
+    validation = encode_pairs(build_s, build_t, validation_examples(splits, cfg.train), cfg.kd.algorithm in SAME_VOCAB)
     if not data:  # before the run directory exists: a failed start leaves nothing behind
-        raise DataError(cfg.data.source, None, None, f"none of the {len(pairs)} training examples fits prompt.max_length "
+        raise DataError(cfg.data.source, None, None, f"none of the {len(splits['train'])} training examples fits prompt.max_length "
                         f"({prompt.max_length} tokens) for both models even without its context; raise prompt.max_length")
 
-    run = open_run(cfg, resume, report, len(data), len(pairs) - len(data))
+    run = open_run(cfg, resume, report, len(data), len(splits["train"]) - len(data))
     if run.finished:
         return run.path
     torch.manual_seed(cfg.train.seed)  # new weights (LoRA, projectors) start the same in every run
@@ -102,7 +106,8 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
     if projectors:
         groups.append({"params": projectors, "lr": cfg.kd.projector_lr})
     train(student, objective, data, cfg.train, run,
-          lambda items: collate_pairs(items, tok_s.pad_token_id, tok_t.pad_token_id), param_groups=groups)
+          lambda items: collate_pairs(items, tok_s.pad_token_id, tok_t.pad_token_id), param_groups=groups,
+          validation=validation)
     finish(cfg, run, student, tok_s, objective)
     return run.path
 
@@ -132,12 +137,8 @@ def run_distill_cached(cfg: DistillConfig, resume: bool) -> Path:
 
 
 def open_run(cfg: DistillConfig, resume: bool, report, kept: int, skipped: int) -> RunDir:
-    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="distill", base_model=cfg.student.name, resume=resume)
-    if run.finished:
-        log.info("%s is already finished; nothing to do", run.path)
-    else:
-        run.update(data=report.summary(), train_examples=kept, skipped_too_long=skipped)
-    return run
+    return RunDir.start(cfg.output_dir, cfg, "distill", cfg.student.name, resume, data=report.summary(),
+                        train_examples=kept, skipped_too_long=skipped)
 
 
 def load_student(cfg: DistillConfig):
@@ -155,11 +156,12 @@ def finish(cfg: DistillConfig, run: RunDir, student, tok_s, objective) -> None:
 
 
 def run_sequence_kd(cfg: DistillConfig, examples, report, build_s: PromptBuilder, build_t: PromptBuilder,
-                    resume: bool) -> Path:
+                    resume: bool, validation: list) -> Path:
     """Sequence-level KD (Kim & Rush 2016): cross-entropy on the teacher's greedy answers to the
     training prompts instead of the references. The teacher answers the examples the run reaches
     (the SFT-only baseline's examples, by the same seeded order) once, into `kd.teacher_answers`,
-    and is released before training; text carries across any two vocabularies."""
+    and is released before training; text carries across any two vocabularies. The validation
+    loss is the cross-entropy on the references of `validation` (encoded validation examples)."""
     prompt = cfg.prompt
     fitting = [ex for ex in examples if build_s.encode_train(ex) is not None]  # as SFT filters them
     if not fitting:
@@ -188,6 +190,7 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, build_s: PromptBuilder
     torch.manual_seed(cfg.train.seed)
     student = load_student(cfg)
     objective = SFTObjective()
-    train(student, objective, data, cfg.train, run, partial(collate_right, pad_id=build_s.tok.pad_token_id))
+    train(student, objective, data, cfg.train, run, partial(collate_right, pad_id=build_s.tok.pad_token_id),
+          validation=validation)
     finish(cfg, run, student, build_s.tok, objective)
     return run.path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distillqa.config import DataConfig, DeriveConfig, GenerationConfig, HealConfig, PromptConfig, TrainConfig, dump_config
+from distillqa.config import DataConfig, DeriveConfig, GenerationConfig, HealConfig, PromptConfig, TrainConfig
 from distillqa.data import load_splits
 from distillqa.data.prompts import Encoded, PromptBuilder, collate_right
 from distillqa.data.readers import iter_json_lines
@@ -98,7 +98,7 @@ def run_heal(cfg: DeriveConfig, resume: bool = False, corpus: list[Encoded] | No
     heal = cfg.heal
     tok = load_tokenizer(cfg.parent.name, cfg.parent.trust_remote_code)
     corpus = corpus if corpus is not None else healing_corpus(heal, cfg.data, cfg.prompt, tok)
-    run = RunDir.open(cfg.output_dir, dump_config(cfg), kind="heal", base_model=cfg.parent.name, resume=resume)
+    run = RunDir.open(cfg.output_dir, cfg, kind="heal", base_model=cfg.parent.name, resume=resume)
     if run.finished:
         return run.path
     parent = load_model(cfg.parent.name, "fp32", cfg.parent.trust_remote_code)

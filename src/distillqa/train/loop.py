@@ -1,4 +1,4 @@
-"""The one training loop. Every method (SFT now; KD, DSKD and rationale losses later) is an
+"""The one training loop. Every method (SFT, KD, DSKD, healing, rationale losses) is an
 objective plugged in here, never a copy of this loop.
 
 Data order is a pure function of (seed, step): optimizer step s uses micro-batches
@@ -11,6 +11,11 @@ data-parallel: each takes its slice of every global batch (N x batch_size exampl
 inside the DDP wrapper's forward (`TrainingLoss`), so gradients are averaged across processes once
 per optimizer step, and the main process logs and checkpoints. With dropout off, N processes give
 the weights of one process with grad_accum multiplied by N: both average the same N micro-batch means.
+
+Every `train.eval_every` steps and after the last, the objective's loss on the validation examples a
+command passes (the first `train.eval_examples` of the split) is logged as `val_loss`, in the same row
+as the training loss; the model is in eval mode and nothing random is drawn, so training is unchanged.
+Logged rows also go to the trackers of `train.report_to` (accelerate's `log_with`), from the main process.
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ def examples_trained_on(num_examples: int, cfg: TrainConfig, world: int = 1) -> 
                    for i in batch})
 
 
+def validation_examples(splits: dict[str, list], cfg: TrainConfig) -> list:
+    """The validation examples a run measures its loss on (none when `eval_every` is 0)."""
+    return splits["validation"][: cfg.eval_examples] if cfg.eval_every else []
+
+
 def lr_lambda(cfg: TrainConfig, steps: int):
     warmup = int(cfg.warmup_ratio * steps)
 
@@ -114,16 +124,18 @@ def train(
     run: RunDir,
     collate: Callable[[list], dict[str, torch.Tensor]],
     param_groups: list[dict] | None = None,
+    validation: list | None = None,
 ) -> dict:
     """Train `model` with `objective` on `data`, checkpointing into `run`; resumes if `run` has a checkpoint.
 
     `collate` turns a list of data items into a batch of tensors. `param_groups` lets an
     objective give its own modules their own learning rate; by default every trainable
-    parameter of the model and the objective gets `cfg.lr`.
+    parameter of the model and the objective gets `cfg.lr`. `validation`: items like `data`
+    whose mean loss is logged every `cfg.eval_every` steps (none: no validation loss).
     """
     if not data:
         raise DistillQAError("no training examples left after encoding (all too long for prompt.max_length?)")
-    accelerator = Accelerator(cpu=cpu_launch())
+    accelerator = Accelerator(cpu=cpu_launch(), log_with=cfg.report_to or None, project_dir=run.path / "trackers")
     if accelerator.num_processes != launched_processes():
         raise DistillQAError(f"{launched_processes()} processes were launched, but accelerate joined {accelerator.num_processes} "
                              "into one training run; each would train alone (is the device type supported?)")
@@ -136,6 +148,7 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
+    accelerator.init_trackers(run.path.name)
 
     start = 0
     if (ckpt := run.latest_checkpoint()) is not None:
@@ -145,7 +158,7 @@ def train(
     schedule = micro_batch_indices(len(data), cfg, steps, accelerator.process_index, accelerator.num_processes)
 
     wrapped.train()
-    window, t0, tokens = [], time.time(), 0
+    window, t0, tokens, val_loss = [], time.time(), 0, None
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {run.path.name}", disable=not accelerator.is_main_process)
     for step in bar:
         step_loss, logs = 0.0, {}
@@ -168,13 +181,18 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         window.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
-        if done % cfg.log_every == 0 or done == steps:
+        validate = bool(validation) and cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == steps)
+        if validate:
+            val_loss = validation_loss(loss_module, validation, collate, cfg.batch_size, accelerator)
+        bar.set_postfix(loss=f"{step_loss:.4f}", **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}))
+        if done % cfg.log_every == 0 or done == steps or validate:
             tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))  # of all processes
+            row = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens / (time.time() - t0), **logs, **({"val_loss": val_loss} if validate else {})}
             if accelerator.is_main_process:
-                run.log({"step": done, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                         "tokens_per_s": tokens / (time.time() - t0), **logs})
+                run.log({"step": done, **row})
+            accelerator.log(row, step=done)
             window, t0, tokens = [], time.time(), 0
         if done % cfg.checkpoint_every == 0 or done == steps:
             rng = gather_object([rng_state()])  # every process's, so that each resumes its own dropout masks
@@ -182,7 +200,27 @@ def train(
                 save_checkpoint(run.checkpoint_path(done), done, params, optimizer, scheduler, rng)
                 run.prune_checkpoints(cfg.keep_checkpoints)
     bar.close()
+    for tracker in accelerator.trackers:  # not end_training(): it ends the process group the run still uses
+        tracker.finish()
     return {"steps": steps}
+
+
+def validation_loss(loss_module: TrainingLoss, items: list, collate: Callable[[list], dict[str, torch.Tensor]],
+                    batch_size: int, accelerator: Accelerator) -> float:
+    """The mean loss over `items` (batch losses weighted by their examples), each process taking every
+    N-th item; on the module itself, not its DDP wrapper, as no gradient is averaged."""
+    mine = items[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, examples
+    loss_module.eval()
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            batch = {key: v.to(accelerator.device) for key, v in collate(chunk).items()}
+            total += torch.tensor([loss_module(batch)[0].item() * len(chunk), len(chunk)], dtype=torch.float64,
+                                  device=accelerator.device)
+    loss_module.train()
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1]).item()
 
 
 def rng_state() -> dict:

@@ -18,15 +18,21 @@ while the others wait, and it alone writes run.json, the log, checkpoints and `f
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
+from distillqa.config import dump_config
+from distillqa.config_changes import changed_keys
 from distillqa.errors import RunDirError
 from distillqa.io import append_jsonl, atomic_path, read_partial_jsonl, write_json, write_jsonl, write_text
 from distillqa.processes import processes
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -49,16 +55,27 @@ class RunDir:
         return (self.path / "run.json").is_file() and self.info.get("status") == "finished"
 
     @classmethod
-    def open(cls, path: str | Path, config_yaml: str, kind: str, base_model: str, resume: bool) -> "RunDir":
-        """Create a run directory, or reopen an existing one for `resume`. With several processes the main
-        one does it while the others wait (an error there ends the launch), then all use the directory."""
+    def open(cls, path: str | Path, config: BaseModel, kind: str, base_model: str, resume: bool) -> "RunDir":
+        """Create a run directory, or reopen an existing one for `resume` (refused if its config differs).
+        With several processes the main one does it while the others wait (an error there ends the
+        launch), then all use the directory."""
         run, launch = cls(path), processes()
         if launch.is_main_process:
-            run._create_or_check(config_yaml, kind, base_model, resume)
+            run._create_or_check(config, kind, base_model, resume)
         launch.wait_for_everyone()
         return run
 
-    def _create_or_check(self, config_yaml: str, kind: str, base_model: str, resume: bool) -> None:
+    @classmethod
+    def start(cls, path: str | Path, config: BaseModel, kind: str, base_model: str, resume: bool, **fields) -> "RunDir":
+        """`open` the run; unless it is finished already (nothing to do), record `fields` in its run.json."""
+        run = cls.open(path, config, kind, base_model, resume)
+        if run.finished:
+            log.info("%s is already finished; nothing to do", run.path)
+        else:
+            run.update(**fields)
+        return run
+
+    def _create_or_check(self, config: BaseModel, kind: str, base_model: str, resume: bool) -> None:
         if (self.path / "run.json").is_file():
             status = self.info.get("status")
             if not resume:
@@ -68,8 +85,7 @@ class RunDir:
                 old = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
             except (OSError, ValueError, yaml.YAMLError):
                 raise RunDirError(f"cannot resume {self.path}: its config.yaml is missing or unreadable") from None
-            new = yaml.safe_load(config_yaml)
-            diff = diff_keys(old, new)
+            diff = changed_keys(config, old)
             if diff:
                 raise RunDirError(f"cannot resume {self.path}: its config differs in {', '.join(diff)}")
             return
@@ -82,7 +98,7 @@ class RunDir:
         # Built aside and renamed: a kill here leaves no directory that is neither empty nor a run.
         with atomic_path(self.path) as tmp:
             tmp.mkdir()
-            write_text(tmp / "config.yaml", config_yaml)
+            write_text(tmp / "config.yaml", dump_config(config))
             write_json(tmp / "run.json", {"kind": kind, "base_model": base_model, "status": "running", "created": time.time()})
 
     def log(self, row: dict) -> None:
@@ -144,12 +160,3 @@ def save_final(run: RunDir, model, tok, lora: bool, extra=None, keep_checkpoints
             extra(tmp)
 
     run.write_final(save, keep_checkpoints)
-
-
-def diff_keys(old, new, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [prefix.rstrip(".")]
