@@ -291,7 +291,7 @@ CASES = [
          ["kd.teacher_endpoint", "127.0.0.1:9", "cannot be reached"]),
     Case("teacher-endpoint-without-seqkd", lambda d, m: ["distill", "--set", f"teacher.name={m['plain']}", "--set",
                                                          f"student.name={m['plain']}", "--set", "kd.teacher_endpoint.url=http://x/v1",
-                                                         "--set", f"output_dir={d}/kd"], ["teacher_endpoint", "only 'seqkd'"]),
+                                                         "--set", f"output_dir={d}/kd"], ["kd.teacher_endpoint", "only 'seqkd'"]),
     Case("rationales-generate-onto-user-file", lambda d, m: ["rationales", "generate", "--set", f"output={data_file(d, 'o.jsonl', 'mine')}",
                                                              "--set", f"teacher.local_model={m['chat']}"], ["o.jsonl", "not written by"]),
 ]

@@ -7,8 +7,9 @@ rejected with a message that names the key.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -211,7 +212,7 @@ class KDConfig(Section):
                                         "that name it (default: teacher_answers.jsonl in the run directory).")
     teacher_endpoint: EndpointConfig | None = Field(None, description="seqkd: the teacher answers through this OpenAI-compatible "
                                                     "endpoint (teacher.name still gives its tokenizer and chat format; "
-                                                    "null: the teacher is loaded here).")
+                                                    "in a grid, the seqkd cells use it; null: the teacher is loaded here).")
     teacher_cache: str | None = Field(None, description="A `distillqa teacher cache` directory: vanilla KD reads the "
                                       "teacher's sparse distributions from it instead of loading the teacher (its "
                                       "manifest must match teacher.name, the student's tokenizer, data and prompt; "
@@ -225,9 +226,6 @@ class KDConfig(Section):
         if self.teacher_cache and self.temperature != 1:
             raise ValueError("teacher_cache: a cache holds log-probabilities at temperature 1, whose tail mass at another "
                              f"temperature is unknown; set temperature=1 (got {self.temperature:g})")
-        if self.teacher_endpoint and self.algorithm != "seqkd":
-            raise ValueError(f"teacher_endpoint: only 'seqkd' takes the teacher's answers from an endpoint; '{self.algorithm}' "
-                             "needs the teacher's distributions, so the teacher is loaded here")
         return self
 
 
@@ -319,6 +317,13 @@ class DistillConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     output_dir: str = Field("runs/distill", description="Run directory (config, log, checkpoints, final student).")
+
+    @model_validator(mode="after")
+    def _endpoint_teacher(self):
+        if self.kd.teacher_endpoint and self.kd.algorithm != "seqkd":
+            raise ValueError(f"kd.teacher_endpoint: only 'seqkd' takes the teacher's answers from an endpoint; "
+                             f"'{self.kd.algorithm}' needs the teacher's distributions, so the teacher is loaded here")
+        return self
 
 
 Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"]
@@ -674,6 +679,11 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 }
 
 
+def optional_section(annotation) -> type[BaseModel] | None:
+    """The section a field such as `endpoint: EndpointConfig | None` holds when it is set."""
+    return next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def describe_config(schema: type[BaseModel]) -> str:
     """A commented YAML file of every key of `schema` with its default and description."""
     lines: list[str] = []
@@ -689,6 +699,10 @@ def describe_config(schema: type[BaseModel]) -> str:
                                     default_flow_style=True, width=1000).strip().strip("{}")
             comment = f"  # {field.description}" if field.description else ""
             lines.append(f"{indent}{dumped}{comment}")
+            if value is None and (section := optional_section(field.annotation)):  # its keys, commented out
+                for key, sub in section.model_fields.items():
+                    default = "required" if sub.is_required() else json.dumps(sub.default)
+                    lines.append(f"{indent}#   {key}: {default}  # {sub.description}")
 
     walk(schema(), "")
     return "\n".join(lines) + "\n"

@@ -202,12 +202,14 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
 def cell_kd(exp: Path, f: dict, cache: Path | None) -> dict:
     """A cell's KD settings: its algorithm; the teacher state's cache for a vanilla cell when the grid
     has one; for sequence-level KD the answers store that every cell of the same teacher state shares
-    (the teacher answers each training prompt once)."""
+    (the teacher answers each training prompt once), and for the others no teacher endpoint."""
     update = {"algorithm": f["algorithm"]}
     if cache is not None:
         update["teacher_cache"] = str(cache)
     if f["algorithm"] == "seqkd":
         update["teacher_answers"] = str(exp / "teacher_answers" / f"{slug(f['teacher'])}-{f['teacher_state']}.jsonl")
+    else:
+        update["teacher_endpoint"] = None  # only sequence-level KD asks an endpoint for its teacher
     return update
 
 
