@@ -4,6 +4,11 @@ offline settings. Real bundled models are loaded only by tests marked `real_mode
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,3 +103,33 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture(scope="session")
 def tiny_t5_model(tmp_path_factory) -> str:
     return str(build_tiny_t5(tmp_path_factory.mktemp("tiny") / "t5"))
+
+
+@contextmanager
+def serving(model: str):
+    """The base URL of `distillqa serve` for `model` on a loopback port, in a thread of this process."""
+    from distillqa.serve import make_server
+
+    server = make_server(model, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def served_smollm2():
+    """The base URL of `distillqa serve smollm2-135m` (the CLI, a separate process) on a loopback port."""
+    proc = subprocess.Popen([sys.executable, "-m", "distillqa.cli", "serve", "smollm2-135m", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = proc.stdout.readline()  # printed once the model is loaded and the socket bound
+        match = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
+        assert match, line
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

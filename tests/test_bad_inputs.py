@@ -285,6 +285,13 @@ CASES = [
                                                     "--set", "kd.algorithm=seqkd", "--set",
                                                     f"kd.teacher_answers={data_file(d, 'a.jsonl', json.dumps(GOOD[0]))}",
                                                     "--set", f"output_dir={d}/kd"], ["a.jsonl", "line 1", "prediction"]),
+    Case("seqkd-teacher-endpoint-unreachable", lambda d, m: ["distill", "--set", f"teacher.name={m['plain']}", "--set",
+                                                             f"student.name={m['plain']}", "--set", "kd.algorithm=seqkd", "--set",
+                                                             "kd.teacher_endpoint.url=http://127.0.0.1:9/v1", "--set", f"output_dir={d}/kd"],
+         ["kd.teacher_endpoint", "127.0.0.1:9", "cannot be reached"]),
+    Case("teacher-endpoint-without-seqkd", lambda d, m: ["distill", "--set", f"teacher.name={m['plain']}", "--set",
+                                                         f"student.name={m['plain']}", "--set", "kd.teacher_endpoint.url=http://x/v1",
+                                                         "--set", f"output_dir={d}/kd"], ["kd.teacher_endpoint", "only 'seqkd'"]),
     Case("rationales-generate-onto-user-file", lambda d, m: ["rationales", "generate", "--set", f"output={data_file(d, 'o.jsonl', 'mine')}",
                                                              "--set", f"teacher.local_model={m['chat']}"], ["o.jsonl", "not written by"]),
 ]

@@ -80,3 +80,13 @@ def test_shipped_configs_are_valid(path):
 
     schema = SCHEMAS[path.name.split("-")[0]]
     load_config(schema, path, ["data.source=somewhere.json"] if "data" in schema.model_fields else [])
+
+
+def test_endpoint_keys_are_described_and_a_grid_names_no_single_model():
+    from distillqa.config import GenerateConfig
+    from distillqa.schemas import describe_config
+
+    assert "#   concurrency: 8  # Requests in flight at once." in describe_config(GenerateConfig)
+    for key in ("generation.endpoint", "distill.kd.teacher_endpoint"):
+        with pytest.raises(ConfigError, match=f"{key}.model: the grid's rows and teachers are different models"):
+            load_config(ExperimentConfig, None, [f"{key}.url=http://x/v1", f"{key}.model=m"])

@@ -5,10 +5,6 @@ from the reply cache and the score is recomputed from it by the README's formula
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 
@@ -38,28 +34,13 @@ class RecordingJudge(EndpointClient):
         return results
 
 
-@pytest.fixture()
-def served():
-    proc = subprocess.Popen([sys.executable, "-m", "distillqa.cli", "serve", "smollm2-135m", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        line = proc.stdout.readline()  # printed once the model is loaded and the socket bound
-        match = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
-        assert match, line
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_judge_metrics_score_hand_written_answers_through_distillqa_serve(served, tmp_path):
+def test_judge_metrics_score_hand_written_answers_through_distillqa_serve(served_smollm2, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from distillqa.metrics.settings import bundled_embedding_model
 
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    jc = JudgeConfig(url=served, model="smollm2-135m", parse_retries=1, max_tokens=48, cache=str(tmp_path / "c.sqlite"))
+    jc = JudgeConfig(url=served_smollm2, model="smollm2-135m", parse_retries=1, max_tokens=48, cache=str(tmp_path / "c.sqlite"))
     base = make_client(jc)
     judge = RecordingJudge(jc.url, jc.model, cache=base.cache, parse_retries=1, max_tokens=48)
     judge.record = {}

@@ -15,6 +15,7 @@ import pytest
 from distillqa.serve import make_server
 
 PATH = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 MSG = [{"role": "user", "content": "Which function terminates NAS signalling?"}]
 
 
@@ -68,6 +69,10 @@ def chat(**fields) -> bytes:
     return json.dumps({"model": "tiny", "messages": MSG, **fields}).encode()
 
 
+def text(**fields) -> bytes:
+    return json.dumps({"model": "tiny", "prompt": "Which function terminates NAS signalling?", **fields}).encode()
+
+
 # (name, request kwargs, expected status, text the error message or param must hold)
 BAD = [
     ("max-tokens-negative", dict(body=chat(max_tokens=-5)), 400, "max_tokens"),
@@ -107,6 +112,13 @@ BAD = [
     ("post-on-models", dict(path="/v1/models", body=chat()), 405, "POST"),
     ("unknown-path", dict(path="/v2/whatever", body=chat()), 404, "unknown path"),
     ("unknown-method", dict(method="BREW", body=b""), 501, ""),
+    ("completion-prompt-missing", dict(path=COMPLETIONS, body=b'{"model": "tiny"}'), 400, "prompt"),
+    ("completion-prompt-tokens", dict(path=COMPLETIONS, body=text(prompt=[1, 2, 3])), 400, "prompt"),
+    ("completion-prompt-empty", dict(path=COMPLETIONS, body=text(prompt="")), 400, "prompt"),
+    ("completion-special-tokens-string", dict(path=COMPLETIONS, body=text(add_special_tokens="no")), 400, "add_special_tokens"),
+    ("completion-prompt-too-long", dict(path=COMPLETIONS, body=text(prompt="AMF " * 2000)), 400, "tokens"),
+    ("completion-max-tokens-over-limit", dict(path=COMPLETIONS, body=text(max_tokens=65)), 422, "max_tokens"),
+    ("get-on-text-completions", dict(method="GET", path=COMPLETIONS), 405, "GET"),
 ]
 
 
@@ -141,6 +153,23 @@ def test_good_requests_and_finish_reason(server):
     assert json.loads(request(server, body=parts)[2])["choices"][0]["message"] == choice["message"]
     status, _, body = request(server, method="GET", path="/v1/models")
     assert status == 200 and json.loads(body)["data"][0]["object"] == "model"
+
+
+def test_text_completions_continue_the_prompt_as_given(server, tiny_chat_model):
+    """/v1/completions answers the prompt text as it is: the chat's rendered prompt, sent with
+    add_special_tokens false (as generate sends it), gets the chat route's answer."""
+    from distillqa.clients import chat_prompt_ids
+    from distillqa.models.registry import load_tokenizer
+
+    reply = json.loads(request(server, body=chat(max_tokens=4, temperature=0))[2])
+    tok = load_tokenizer(tiny_chat_model)
+    rendered = tok.decode(chat_prompt_ids(tok, MSG))
+    status, _, body = request(server, path=COMPLETIONS, body=text(prompt=rendered, add_special_tokens=False, max_tokens=4,
+                                                                  temperature=0))
+    completion = json.loads(body)
+    assert status == 200 and completion["object"] == "text_completion"
+    assert completion["choices"][0]["text"] == reply["choices"][0]["message"]["content"]
+    assert completion["usage"] == reply["usage"] and completion["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
 
 
 def test_stays_up_after_200_bad_requests_and_under_20_concurrent_good_ones(server):

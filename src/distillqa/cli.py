@@ -418,7 +418,7 @@ def serve(model: str = typer.Argument(..., help="Any model name: registry, run d
           max_prompt_tokens: int = typer.Option(8192, min=1, help="Longest prompt accepted, in tokens (longer: HTTP 400)."),
           max_body: int = typer.Option(1 << 20, min=1, help="Largest request body in bytes (larger: HTTP 413, never read)."),
           read_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a client may stall while sending.")) -> None:
-    """Serve a model behind an OpenAI-compatible chat-completions endpoint (/v1/chat/completions)."""
+    """Serve a model behind an OpenAI-compatible endpoint (/v1/chat/completions and /v1/completions)."""
     from distillqa.serve import make_server
 
     server = _guard(lambda: make_server(model, host, port, max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens,

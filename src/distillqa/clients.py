@@ -1,6 +1,7 @@
 """Chat clients: one interface to an OpenAI-compatible endpoint or a local model, used by the judge
 metrics, teacher rationale generation (the teacher is a client) and `distillqa serve` (the chat
-prompt format of a local model).
+prompt format of a local model); and `CompletionsClient`, the text completions of prompts already in
+a model's chat format, through which generation and sequence-level KD use an endpoint.
 
 A client sends prompts in batches (`complete_many`), concurrently for an endpoint, and caches
 every reply in SQLite by (model, prompt, attempt), so a rerun never pays for the same request
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distillqa.cache import cache_root
-from distillqa.config import GenerationConfig, JudgeConfig
+from distillqa.config import EndpointConfig, GenerationConfig, JudgeConfig, http_url
 from distillqa.errors import ConfigError
 
 
@@ -107,52 +108,121 @@ class ChatClient:
         return results
 
 
-def check_url(base_url: str) -> None:
-    parts = urllib.parse.urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"judge.url: '{base_url}' is not an http(s) URL such as http://127.0.0.1:8000/v1")
+def check_url(base_url: str, label: str = "judge") -> None:
+    try:
+        http_url(base_url)
+    except ValueError as e:
+        raise ConfigError(f"{label}.url: {e}") from None
 
 
 class EndpointClient(ChatClient):
     """An OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, Ollama, hosted APIs,
     `distillqa serve`). The API key is read from the environment variable `api_key_env` and is
-    never logged or written anywhere."""
+    never logged or written anywhere. `label` is the config key that names the endpoint in errors."""
+
+    path = "/chat/completions"
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, timeout: float = 120.0,
-                 retries: int = 3, **kwargs):
+                 retries: int = 3, label: str = "judge", **kwargs):
         super().__init__(model, **kwargs)
-        check_url(base_url)
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.timeout, self.retries = timeout, retries
+        check_url(base_url, label)
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + self.path
+        self.timeout, self.retries, self.label = timeout, retries, label
         self._api_key_env = api_key_env
         if api_key_env and not os.environ.get(api_key_env):
-            raise ConfigError(f"judge.api_key_env: environment variable {api_key_env} is not set")
+            raise ConfigError(f"{label}.api_key_env: environment variable {api_key_env} is not set")
 
-    def _request(self, prompt: str, attempt: int) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0.0 if attempt == 0 else 0.7, "max_tokens": self.max_tokens,
-                           "seed": attempt + 100 * self.repeat}).encode()
+    def _headers(self) -> dict:
         headers = {"Content-Type": "application/json"}
         if self._api_key_env:
             headers["Authorization"] = f"Bearer {os.environ[self._api_key_env]}"
+        return headers
+
+    def _body(self, prompt: str, attempt: int) -> dict:
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0.0 if attempt == 0 else 0.7, "max_tokens": self.max_tokens, "seed": attempt + 100 * self.repeat}
+
+    @staticmethod
+    def _reply(response: dict) -> str:
+        return response["choices"][0]["message"]["content"] or ""
+
+    def _request(self, prompt: str, attempt: int) -> str:
+        body = json.dumps(self._body(prompt, attempt)).encode()
         last = ""
         for k in range(self.retries + 1):
             try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                req = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
+                    return self._reply(json.loads(resp.read()))
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
+                last = f"HTTP {e.code}{error_message(e)}"
                 if e.code not in (408, 409, 429) and e.code < 500:
                     break  # a client error will not go away by retrying
             except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, json.JSONDecodeError) as e:
                 last = type(e).__name__ + (f": {e.reason}" if isinstance(e, urllib.error.URLError) else "")
             time.sleep(min(30.0, 0.5 * 2**k))
-        raise EndpointError(f"judge endpoint {self.url} failed after {self.retries + 1} tries ({last})")
+        raise EndpointError(f"{self.label} endpoint {self.url} failed after {k + 1} tries ({last})")
 
     def _complete(self, prompts: list[str], attempt: int) -> list[str]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda p: self._request(p, attempt), prompts))
+
+    def check_served(self) -> None:
+        """Refuse, before any work starts, an endpoint that cannot be reached or does not list `model` in /models."""
+        where = f"{self.label}: {self.base_url}/models"
+        try:
+            req = urllib.request.Request(self.base_url + "/models", headers=self._headers())
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                served = [m["id"] for m in json.loads(resp.read())["data"]]
+        except urllib.error.HTTPError as e:
+            raise EndpointError(f"{where} answered HTTP {e.code}{error_message(e)}; is this an OpenAI-compatible API?") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise EndpointError(f"{where} cannot be reached ({getattr(e, 'reason', e)}); is the server running?") from None
+        except (ValueError, KeyError, TypeError):
+            raise EndpointError(f"{where} did not answer with an OpenAI model list") from None
+        if self.model not in served:
+            raise EndpointError(f"{self.label}: {self.base_url} serves {served}, not '{self.model}'; set {self.label}.model "
+                                "to the name it serves, or serve the model under this name")
+
+
+class CompletionsClient(EndpointClient):
+    """Text completions (`/completions`) of prompts already in the model's chat format, as `generation`
+    describes them (greedy: temperature 0): how generation and sequence-level KD use an endpoint.
+    Nothing is cached here: the predictions file and the answers store are what a rerun resumes
+    from, and a model name (a run directory's path) need not mean the same weights twice."""
+
+    path = "/completions"
+
+    def __init__(self, base_url: str, model: str, generation: GenerationConfig, **kwargs):
+        super().__init__(base_url, model, cache=None, parse_retries=0, max_tokens=generation.max_new_tokens, **kwargs)
+        self.generation = generation
+
+    def _body(self, prompt: str, attempt: int) -> dict:
+        g = self.generation
+        sampling = {"temperature": g.temperature, "top_p": g.top_p, "seed": g.seed} if g.do_sample else {"temperature": 0.0}
+        # add_special_tokens=false (vLLM, distillqa serve): the prompt already holds the template's BOS and turn markers
+        return {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "add_special_tokens": False, **sampling}
+
+    @staticmethod
+    def _reply(response: dict) -> str:
+        return (response["choices"][0]["text"] or "").strip()
+
+
+def completions_client(cfg: EndpointConfig, model_name: str, generation: GenerationConfig, label: str) -> CompletionsClient:
+    """A client of the endpoint `cfg`, asking for `cfg.model` (default `model_name`), checked to serve it."""
+    client = CompletionsClient(cfg.url, cfg.model or model_name, generation, api_key_env=cfg.api_key_env,
+                               timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency, label=label)
+    client.check_served()
+    return client
+
+
+def error_message(e: urllib.error.HTTPError) -> str:
+    """': ' and the message of an OpenAI-style error body, or '' if it has none."""
+    try:
+        return f": {json.loads(e.read())['error']['message'][:300]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 class LocalClient(ChatClient):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,13 +130,42 @@ class TrainConfig(Section):
         return v
 
 
+def http_url(url: str) -> str:
+    """`url`, if it is an http(s) URL; ValueError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"'{url}' is not an http(s) URL such as http://127.0.0.1:8000/v1")
+    return url
+
+
+class EndpointConfig(Section):
+    """An OpenAI-compatible completions endpoint (vLLM, TGI, llama.cpp server, `distillqa serve`) that answers
+    instead of a model loaded in this process; the prompts are sent already in the model's chat format."""
+
+    url: str = Field(..., description="Base URL, e.g. http://127.0.0.1:8000/v1 (prompts go to URL/completions).")
+    model: str | None = Field(None, description="Model name the endpoint serves (default: the model's name in this config, "
+                              "e.g. model.name, teacher.name or a grid row's model; it must be in URL/models).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (the key itself is never written).")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    timeout: float = Field(120.0, gt=0, description="Seconds per request.")
+    retries: int = Field(3, ge=0, description="Retries of a failed request (timeouts, 408/409/429, 5xx), with exponential backoff.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        return http_url(url)
+
+
 class GenerationConfig(Section):
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per answer.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch (left-padded, KV-cached).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch (left-padded, KV-cached; with an "
+                            "endpoint, the requests written to disk together).")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (with do_sample).")
     seed: int = Field(0, description="Sampling seed.")
+    endpoint: EndpointConfig | None = Field(None, description="Send the prompts to this OpenAI-compatible endpoint, "
+                                            "batch_size at a time, instead of loading the model here (null: in-process).")
 
 
 class MCQConfig(Section):
@@ -173,6 +203,12 @@ class GenerateConfig(Section):
     mcq: MCQConfig = Field(default_factory=MCQConfig)
     output_dir: str = Field("runs/generate", description="Directory for predictions.jsonl.")
 
+    @model_validator(mode="after")
+    def _scored_here(self):
+        if self.mcq.method == "loglikelihood" and self.generation.endpoint:
+            raise ValueError("mcq.method=loglikelihood scores the choices in-process; unset generation.endpoint")
+        return self
+
 
 class KDConfig(Section):
     algorithm: Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"] = Field(
@@ -192,6 +228,9 @@ class KDConfig(Section):
     answer_tokens: int = Field(48, ge=1, description="seqkd: new tokens per teacher answer.")
     teacher_answers: str | None = Field(None, description="seqkd: JSONL store of the teacher's answers, shared by the runs "
                                         "that name it (default: teacher_answers.jsonl in the run directory).")
+    teacher_endpoint: EndpointConfig | None = Field(None, description="seqkd: the teacher answers through this OpenAI-compatible "
+                                                    "endpoint (teacher.name still gives its tokenizer and chat format; "
+                                                    "in a grid, the seqkd cells use it; null: the teacher is loaded here).")
     teacher_cache: str | None = Field(None, description="A `distillqa teacher cache` directory: vanilla KD reads the "
                                       "teacher's sparse distributions from it instead of loading the teacher (its "
                                       "manifest must match teacher.name, the student's tokenizer, data and prompt; "
@@ -296,6 +335,13 @@ class DistillConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     output_dir: str = Field("runs/distill", description="Run directory (config, log, checkpoints, final student).")
+
+    @model_validator(mode="after")
+    def _endpoint_teacher(self):
+        if self.kd.teacher_endpoint and self.kd.algorithm != "seqkd":
+            raise ValueError(f"kd.teacher_endpoint: only 'seqkd' takes the teacher's answers from an endpoint; "
+                             f"'{self.kd.algorithm}' needs the teacher's distributions, so the teacher is loaded here")
+        return self
 
 
 Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"]

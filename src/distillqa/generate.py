@@ -2,7 +2,9 @@
 `choices` for multiple choice), or, for multiple choice without generation, each choice's
 log-likelihood after the prompt (`mcq.method: loglikelihood`).
 
-Prompts are sorted by length and left-padded. Finished batches are appended to
+Prompts are sorted by length and left-padded; with `generation.endpoint` they are sent instead, as
+the text their tokens spell (the chat-templated prompt), to an OpenAI-compatible completions
+endpoint, a batch at a time and concurrently within it. Finished batches are appended to
 `predictions.partial.jsonl`, so a killed run continues where it stopped and never generates
 an answer twice; the complete file is renamed to `predictions.jsonl` at the end.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from distillqa.clients import CompletionsClient, completions_client
 from distillqa.config import GenerateConfig, GenerationConfig, dump_config
 from distillqa.config_changes import changed_keys, previous_config
 from distillqa.data import load_splits
@@ -68,14 +71,23 @@ def generate_batch(model, tok, prompts: list[list[int]], cfg: GenerationConfig, 
     return items
 
 
+def generate_texts(model, tok, prompts: list[list[int]], cfg: GenerationConfig, seed: int) -> list[str]:
+    """Answers to token-id prompts from a model here, or from an endpoint's client, which is sent the
+    text those ids spell."""
+    if isinstance(model, CompletionsClient):
+        return model.complete_many([tok.decode(ids, clean_up_tokenization_spaces=False) for ids in prompts])
+    return generate_batch(model, tok, prompts, cfg, seed=seed)
+
+
 def generate_predictions(
     model, tok, builder: PromptBuilder, examples: list[QAExample], cfg: GenerationConfig, out_path: str | Path, desc: str = "generate"
 ) -> Path:
-    """Generated answers, `cfg.batch_size` prompts a batch (resumable; see `answer_in_batches`)."""
+    """Answers of `model` (loaded here, or an endpoint's `CompletionsClient`), `cfg.batch_size` prompts a
+    batch (resumable; see `answer_in_batches`)."""
     prompts = {ex.id: builder.encode_prompt(ex, cfg.max_new_tokens) for ex in examples}
 
     def answer(chunk, index):
-        texts = generate_batch(model, tok, [prompts[ex.id] for ex in chunk], cfg, seed=cfg.seed + index * cfg.batch_size)
+        texts = generate_texts(model, tok, [prompts[ex.id] for ex in chunk], cfg, seed=cfg.seed + index * cfg.batch_size)
         return [{"prediction": text} for text in texts]
 
     return answer_in_batches(examples, prompts, cfg.batch_size, answer, tok, builder.max_length, out_path, desc)
@@ -105,16 +117,19 @@ def loglikelihood_predictions(model, tok, builder: PromptBuilder, examples: list
     return answer_in_batches(examples, prompts, batch_size, answer, tok, builder.max_length, out_path, "log-likelihoods")
 
 
-def _provenance(model_name: str, builder: PromptBuilder, max_new_tokens: int) -> dict:
-    return {"model": model_name, "chat_template": builder.chat, "instruction": builder.instruction,
+def _provenance(model_name: str, builder: PromptBuilder, max_new_tokens: int, endpoint: str | None) -> dict:
+    held = {"model": model_name, "chat_template": builder.chat, "instruction": builder.instruction,
             "max_length": builder.max_length, "max_new_tokens": max_new_tokens}
+    return (held | {"endpoint": endpoint}) if endpoint else held
 
 
-def read_answers_store(model_name: str, builder: PromptBuilder, max_new_tokens: int, store: Path) -> list[dict]:
+def read_answers_store(model_name: str, builder: PromptBuilder, max_new_tokens: int, store: Path,
+                       endpoint: str | None = None) -> list[dict]:
     """The rows of an answers store (none if it does not exist yet), refused if it was made with other
-    settings than these (named) or is not an answers store (file, line and field named)."""
+    settings than these (named) or is not an answers store (file, line and field named). `endpoint`:
+    the URL of the endpoint that answers as `model_name` (None: the model answers in-process)."""
     store = Path(store)
-    provenance = _provenance(model_name, builder, max_new_tokens)
+    provenance = _provenance(model_name, builder, max_new_tokens, endpoint)
     meta = store.with_suffix(".json")
     if meta.is_file():
         try:
@@ -135,23 +150,23 @@ def read_answers_store(model_name: str, builder: PromptBuilder, max_new_tokens: 
 
 
 def stored_answers(model_name: str, load_model_once, tok, builder: PromptBuilder, examples: list[QAExample],
-                   max_new_tokens: int, store: Path, desc: str) -> dict[str, str]:
-    """Greedy answers of the model `load_model_once()` returns to `examples`, by id, kept in the JSONL
-    `store` and shared by every run that names it (sequence-level KD cells of one teacher, a healing
-    run's parent answers).
+                   max_new_tokens: int, store: Path, desc: str, endpoint: str | None = None) -> dict[str, str]:
+    """Greedy answers of the model `load_model_once()` returns (or of the endpoint client it returns,
+    whose URL is `endpoint`) to `examples`, by id, kept in the JSONL `store` and shared by every run
+    that names it (sequence-level KD cells of one teacher, a healing run's parent answers).
 
     Only questions the store lacks are answered (resumably, through `store.new.jsonl`), then merged
-    into it. The model and prompt settings are kept beside it in `store.json` (`read_answers_store`
-    refuses a store made with other settings)."""
+    into it. The model, endpoint and prompt settings are kept beside it in `store.json`
+    (`read_answers_store` refuses a store made with other settings)."""
     store = Path(store)
-    rows = read_answers_store(model_name, builder, max_new_tokens, store)
+    rows = read_answers_store(model_name, builder, max_new_tokens, store, endpoint)
     have = {r["id"] for r in rows}
     missing = [ex for ex in examples if ex.id not in have]
     if missing:
         new = store.with_name(store.stem + ".new.jsonl")
         generate_predictions(load_model_once(), tok, builder, missing, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16),
                              new, desc=desc)
-        write_json(store.with_suffix(".json"), _provenance(model_name, builder, max_new_tokens))
+        write_json(store.with_suffix(".json"), _provenance(model_name, builder, max_new_tokens, endpoint))
         rows += read_jsonl(new)
         write_jsonl(store, rows)
         new.unlink()
@@ -219,8 +234,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
     """Answer `cfg.split`; an output directory is reused (resumed) only for the same config.
 
     The output directory must be new, empty, or one `generate` wrote (it holds generate_config.yaml);
-    nothing is written there until the data, the model and the prompt format have loaded, so a
-    failed start leaves nothing behind."""
+    nothing is written there until the data, the model (or the endpoint's list of models) and the
+    prompt format have loaded, so a failed start leaves nothing behind."""
     out_dir = Path(cfg.output_dir)
     config_path = out_dir / "generate_config.yaml"
     predictions = out_dir / "predictions.jsonl"
@@ -244,11 +259,14 @@ def run_generate(cfg: GenerateConfig) -> Path:
         raise DataError(cfg.data.source, f"id '{few[0]}'", "choices", "mcq.method=loglikelihood needs at least two "
                         f"choices per question ({len(few)} of {len(examples)} questions have fewer)")
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    model = load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code)
-    if loglikelihood and is_encoder_decoder(model):
-        raise ConfigError("mcq.method=loglikelihood needs a causal LM; this model is an encoder-decoder")
-    if torch.cuda.is_available():
-        model.to("cuda")
+    if cfg.generation.endpoint:
+        model = completions_client(cfg.generation.endpoint, cfg.model.name, cfg.generation, "generation.endpoint")
+    else:
+        model = load_model(cfg.model.name, cfg.model.precision, cfg.model.trust_remote_code)
+        if loglikelihood and is_encoder_decoder(model):
+            raise ConfigError("mcq.method=loglikelihood needs a causal LM; this model is an encoder-decoder")
+        if torch.cuda.is_available():
+            model.to("cuda")
     builder = PromptBuilder(tok, cfg.prompt.template, cfg.prompt.instruction, cfg.prompt.max_length, options=cfg.mcq.options)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(config_path, dump_config(cfg))

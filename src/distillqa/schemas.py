@@ -3,6 +3,9 @@ commands' from `distillqa.config`, each study's from beside its code), described
 
 from __future__ import annotations
 
+import json
+from typing import get_args
+
 import yaml
 from pydantic import BaseModel
 
@@ -15,6 +18,11 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "experiment": ExperimentConfig, "teacher-cache": TeacherCacheConfig, "rationales": RationaleExperimentConfig,
     "rationales-generate": RationaleGenerateConfig,
 }
+
+
+def optional_section(annotation) -> type[BaseModel] | None:
+    """The section a field such as `endpoint: EndpointConfig | None` holds when it is set."""
+    return next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def describe_config(schema: type[BaseModel]) -> str:
@@ -32,6 +40,10 @@ def describe_config(schema: type[BaseModel]) -> str:
                                     default_flow_style=True, width=1000).strip().strip("{}")
             comment = f"  # {field.description}" if field.description else ""
             lines.append(f"{indent}{dumped}{comment}")
+            if value is None and (section := optional_section(field.annotation)):  # its keys, commented out
+                for key, sub in section.model_fields.items():
+                    default = "required" if sub.is_required() else json.dumps(sub.default)
+                    lines.append(f"{indent}#   {key}: {default}  # {sub.description}")
 
     walk(schema(), "")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,11 @@
-"""`distillqa serve`: an OpenAI-compatible chat-completions endpoint for any model name
-(registry model, run directory, local path), on the standard library's HTTP server.
+"""`distillqa serve`: an OpenAI-compatible chat-completions and completions endpoint for any model
+name (registry model, run directory, local path), on the standard library's HTTP server.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (messages, max_tokens or
-max_completion_tokens, temperature, top_p, seed, n=1). Requests are generated one at a time (the
+max_completion_tokens, temperature, top_p, seed, n=1), POST /v1/completions (prompt: one string,
+the same fields, and vLLM's `add_special_tokens`, default true: whether the tokenizer's own special
+tokens, such as BOS, are added to the prompt; `distillqa generate` sends prompts already in the
+chat format with it false). Requests are generated one at a time (the
 model is not thread-safe); it is meant for local use: judges, demos, trying a distilled student.
 
 Every request is checked before any generation and every failure is an OpenAI-style JSON error
@@ -54,12 +57,11 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(BaseModel):
-    """The chat-completions request fields this server honours; other OpenAI fields are ignored."""
+class CompletionFields(BaseModel):
+    """The request fields this server honours on both routes; other OpenAI fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
-    messages: list[Message] = Field(..., min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number | None = Field(None, ge=0, le=2)
@@ -69,6 +71,15 @@ class ChatRequest(BaseModel):
     stream: StrictBool = Field(False, description="streaming is not supported")
 
 
+class ChatRequest(CompletionFields):
+    messages: list[Message] = Field(..., min_length=1)
+
+
+class TextRequest(CompletionFields):
+    prompt: StrictStr = Field(..., min_length=1)
+    add_special_tokens: StrictBool = True
+
+
 class RequestError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
@@ -76,7 +87,8 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
 
-def parse_request(body: bytes, max_tokens_limit: int, default_max_tokens: int) -> tuple[ChatRequest, int]:
+def parse_request(body: bytes, max_tokens_limit: int, default_max_tokens: int,
+                  schema: type[CompletionFields] = ChatRequest) -> tuple[CompletionFields, int]:
     """The validated request and its max_tokens; RequestError (400 or 422) names the field."""
     try:
         raw = json.loads(body.decode("utf-8"))
@@ -85,7 +97,7 @@ def parse_request(body: bytes, max_tokens_limit: int, default_max_tokens: int) -
     if not isinstance(raw, dict):
         raise RequestError(400, "the body must be a JSON object", code="invalid_json")
     try:
-        req = ChatRequest.model_validate(raw)
+        req = schema.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or None
@@ -114,22 +126,41 @@ def make_server(model_name: str, host: str = "127.0.0.1", port: int = 8000, max_
     pending = threading.BoundedSemaphore(max_pending)
     stats = {"requests": 0, "errors": 0}
 
-    def complete(body: bytes) -> dict:
+    def check_length(chars: int, param: str) -> None:
+        if chars > max(max_prompt_tokens, 1) * 64:
+            raise RequestError(400, f"{param}: the prompt is far longer than this server's limit of {max_prompt_tokens} "
+                               "tokens", param=param, code="context_length_exceeded")
+
+    def chat(body: bytes) -> dict:
         req, max_tokens = parse_request(body, max_tokens_limit, default_max_tokens)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if sum(len(m["content"]) for m in messages) > max(max_prompt_tokens, 1) * 64:
-            raise RequestError(400, f"messages: the prompt is far longer than this server's limit of {max_prompt_tokens} "
-                               "tokens", param="messages", code="context_length_exceeded")
+        check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             ids = chat_prompt_ids(tok, messages)
         except Exception as e:  # a chat template that rejects these roles or their order
             raise RequestError(400, f"messages: the model's chat template cannot format them ({str(e)[:200]})",
                                param="messages") from None
+        text, finish, usage = answer(req, ids, max_tokens, "messages")
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]}
+
+    def text_completion(body: bytes) -> dict:
+        req, max_tokens = parse_request(body, max_tokens_limit, default_max_tokens, TextRequest)
+        check_length(len(req.prompt), "prompt")
+        ids = tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        text, finish, usage = answer(req, ids, max_tokens, "prompt")
+        return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "usage": usage,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+    def answer(req: CompletionFields, ids: list[int], max_tokens: int, param: str) -> tuple[str, str, dict]:
+        """(text, finish_reason, usage) of the prompt `ids`, generated in turn with every other request."""
         room = min(max_prompt_tokens, context - max_tokens)
         if len(ids) > room:
-            raise RequestError(400, f"messages: the prompt has {len(ids)} tokens; at most {max(room, 0)} fit with max_tokens "
+            raise RequestError(400, f"{param}: the prompt has {len(ids)} tokens; at most {max(room, 0)} fit with max_tokens "
                                f"{max_tokens} (model context {context}, server limit {max_prompt_tokens})",
-                               param="messages", code="context_length_exceeded")
+                               param=param, code="context_length_exceeded")
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                                top_p=1.0 if req.top_p is None else float(req.top_p))
@@ -142,12 +173,9 @@ def make_server(model_name: str, host: str = "127.0.0.1", port: int = 8000, max_
                 text, finish, completion = generate_batch(model, tok, [ids], cfg, seed=req.seed or 0, details=True)[0]
         finally:
             pending.release()
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion},
-        }
+        return text, finish, {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+
+    posts = {"/v1/chat/completions": chat, "/v1/completions": text_completion}
 
     class Handler(BaseHTTPRequestHandler):
         timeout = read_timeout  # socket timeout: a client that stops sending is dropped
@@ -180,7 +208,7 @@ def make_server(model_name: str, host: str = "127.0.0.1", port: int = 8000, max_
 
         def _route(self) -> str | None:
             path = self.path.split("?", 1)[0].rstrip("/")
-            return path if path in ("/v1/models", "/v1/chat/completions") else None
+            return path if path == "/v1/models" or path in posts else None
 
         def do_GET(self):  # noqa: N802 - http.server's naming
             route = self._route()
@@ -239,12 +267,12 @@ def make_server(model_name: str, host: str = "127.0.0.1", port: int = 8000, max_
         def do_POST(self):  # noqa: N802
             try:
                 route = self._route()
-                if route != "/v1/chat/completions":
+                if route not in posts:
                     self._drain()
                     if route:
                         raise RequestError(405, f"method POST is not allowed on {route}; use GET")
                     raise RequestError(404, f"unknown path {self.path[:200]}", code="not_found")
-                self._send(200, complete(self._body()))
+                self._send(200, posts[route](self._body()))
             except RequestError as e:
                 self._error(e, {"Allow": "GET"} if e.status == 405 else None)
             except (TimeoutError, ConnectionError):

@@ -79,6 +79,24 @@ def test_plan_has_the_studys_rows_and_matched_pairs(grid_cfg, tmp_path):
         assert by_name[a]["family"] == by_name[b]["family"] and by_name[a]["vocabulary"] == "same"
 
 
+def test_with_endpoints_each_row_asks_for_its_own_model(tiny_model, tiny_other_vocab_model, tmp_path):
+    """generation.endpoint sends every row's prompts under the row's model name; kd.teacher_endpoint
+    reaches the seqkd cells only (the other cells' configs would refuse it)."""
+    from distillqa.experiment.runner import healing, plan_stages, row_model
+
+    raw = tiny_grid(tiny_model, tiny_model, tiny_other_vocab_model, tmp_path / "exp")
+    raw["grid"]["teachers"][1]["algorithms"].append("seqkd")
+    url = "http://127.0.0.1:9/v1"
+    cfg = load_config(ExperimentConfig, None, [f"{k}={json.dumps(v)}" for k, v in raw.items()]
+                      + [f"generation.endpoint.url={url}", f"distill.kd.teacher_endpoint.url={url}"])
+    rows = plan_rows(cfg, {tiny_model: True, tiny_other_vocab_model: False})
+    plan = dict(plan_stages(cfg, tmp_path / "exp", rows))
+    student = str(healing(cfg)[2])  # the healed student's cached run
+    for row in rows:
+        labels = [s.label for s in plan[row.name] if s.label.startswith("generate")]
+        assert labels == [f"generate {row.name} through {url} as {row_model(student, tmp_path / 'exp', row)}"]
+
+
 def test_same_vocabulary_algorithm_with_other_tokenizer_is_refused(grid_cfg, tmp_path):
     cfg = grid_cfg(tmp_path / "exp")
     with pytest.raises(ConfigError, match="'vanilla' needs a teacher with the student's tokenizer.*dskd-cma"):

@@ -16,6 +16,8 @@ from distillqa.train.dskd import DSKDCrossModelAttention
 from distillqa.train.kd import pack_rows, uld_distance
 from distillqa.train.losses import ForwardKL
 
+from conftest import serving
+
 
 def cfg_for(teacher, student, out, algorithm, *extra):
     return load_config(DistillConfig, None, [
@@ -238,6 +240,35 @@ def test_seqkd_answers_store_is_shared_and_refuses_other_settings(tiny_model, tm
     with pytest.raises(ConfigError, match="max_new_tokens=48.*this run uses 8"):
         run_distill(cfg_for(teacher, tiny_model, tmp_path / "c", "seqkd", "train.max_steps=1",
                             f"kd.teacher_answers={store}", "kd.answer_tokens=8"))
+
+
+def test_seqkd_from_an_endpoint_trains_on_the_local_teachers_answers(tiny_model, tiny_other_vocab_model, tmp_path, monkeypatch):
+    """The teacher served by `distillqa serve` on loopback gives the answers store its local self
+    gives, so the student trains to the same weights; the store records the endpoint and model,
+    and a run that names it asks the endpoint nothing again (a store made in-process is refused)."""
+    from safetensors.torch import load_file
+
+    from distillqa.clients import CompletionsClient
+
+    extra = ("train.max_steps=2", "kd.answer_tokens=6", "lora.enabled=false")
+    local = run_distill(cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "local", "seqkd", *extra))
+    store = tmp_path / "answers.jsonl"
+    with serving(tiny_other_vocab_model) as url:
+        endpoint = (f"kd.teacher_endpoint.url={url}", f"kd.teacher_answers={store}")
+        served = run_distill(cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "served", "seqkd", *extra, *endpoint))
+        asked = []
+        monkeypatch.setattr(CompletionsClient, "complete_many", lambda self, prompts, attempt=0: asked.append(prompts))
+        run_distill(cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "again", "seqkd", *extra, *endpoint))
+        assert asked == []
+        with pytest.raises(ConfigError, match=f"made with endpoint=None, this run uses '{url}'"):
+            run_distill(cfg_for(tiny_other_vocab_model, tiny_model, tmp_path / "mixed", "seqkd", *extra,
+                                f"kd.teacher_endpoint.url={url}", f"kd.teacher_answers={local / 'teacher_answers.jsonl'}"))
+    assert store.read_text() == (local / "teacher_answers.jsonl").read_text()
+    provenance = json.loads(store.with_suffix(".json").read_text())
+    assert provenance["endpoint"] == url and provenance["model"] == tiny_other_vocab_model
+    a, b = load_file(str(local / "final" / "model" / "model.safetensors")), load_file(str(served / "final" / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
 def test_seqkd_killed_while_answering_or_training_resumes_to_the_same_weights(tiny_model, tmp_path, monkeypatch):

@@ -163,6 +163,11 @@ class ExperimentConfig(Section):
         if self.grid.teacher_cache and self.distill.cache.method == "sampling" and self.distill.kd.divergence != "forward_kl":
             raise ValueError("grid.teacher_cache: a sampling cache is an unbiased target for forward KL only; set "
                              "distill.kd.divergence=forward_kl or distill.cache.method=topk")
+        for key, endpoint in (("generation.endpoint", self.generation.endpoint),
+                              ("distill.kd.teacher_endpoint", self.distill.kd.teacher_endpoint)):
+            if endpoint and endpoint.model:
+                raise ValueError(f"{key}.model: the grid's rows and teachers are different models; leave it unset, "
+                                 "so that each asks the endpoint for its own model by name")
         if self.preset == "cpu" and self.data.source.startswith("bundled:"):
             raise ValueError("preset 'cpu' needs data.source: the path of your QA file (e.g. TeleQuAD-v4-full.json)")
         specs = [self.evaluate.metrics] + [h.metrics for h in self.held_out if h.metrics]

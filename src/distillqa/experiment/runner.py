@@ -14,6 +14,11 @@
 Each stage is skipped when its output is complete and resumed when it is not (training from
 its newest checkpoint, generation from its last finished batch, evaluation from its last
 metric), so a runner killed at any moment and started again ends with the same results.
+
+With `generation.endpoint` each row's answers come from an OpenAI-compatible endpoint that serves
+the row's model under the name the row gives it (a registry name, or the path of its run
+directory, as the stage's label shows); with `distill.kd.teacher_endpoint` sequence-level KD cells
+ask it for their teacher the same way.
 """
 
 from __future__ import annotations
@@ -164,7 +169,8 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
 
     def answer_and_score(label: str, gen: GenerateConfig, evaluate) -> list[Stage]:
         out, metrics = Path(gen.output_dir), resolve_metrics(evaluate.metrics)
-        return [Stage(f"generate {label}", (out / "predictions.jsonl").is_file, lambda: run_generate(gen)),
+        endpoint = f" through {gen.generation.endpoint.url} as {gen.model.name}" if gen.generation.endpoint else ""
+        return [Stage(f"generate {label}{endpoint}", (out / "predictions.jsonl").is_file, lambda: run_generate(gen)),
                 Stage(f"evaluate {label}", lambda: is_scored(out, metrics, evaluate),
                       lambda: evaluate_predictions(out, evaluate, settings=settings))]
 
@@ -183,7 +189,9 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
         stages += answer_and_score(row.name, GenerateConfig(model=model, generation=cfg.generation, split="test",
                                                             output_dir=str(exp / "rows" / row.name), **shared), cfg.evaluate)
         for h in cfg.held_out:
-            gen = GenerateConfig(model=model, data=h.data, prompt=cfg.prompt, generation=cfg.generation, split=h.split,
+            scored_here = h.mcq.method == "loglikelihood"  # nothing is generated: no endpoint
+            generation = cfg.generation.model_copy(update={"endpoint": None}) if scored_here else cfg.generation
+            gen = GenerateConfig(model=model, data=h.data, prompt=cfg.prompt, generation=generation, split=h.split,
                                  mcq=h.mcq, output_dir=str(exp / held_out_dir(h.name) / row.name))
             stages += answer_and_score(f"{row.name} on {h.name}", gen,
                                        cfg.evaluate.model_copy(update={"metrics": h.metrics or cfg.evaluate.metrics}))
@@ -194,12 +202,14 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
 def cell_kd(exp: Path, f: dict, cache: Path | None) -> dict:
     """A cell's KD settings: its algorithm; the teacher state's cache for a vanilla cell when the grid
     has one; for sequence-level KD the answers store that every cell of the same teacher state shares
-    (the teacher answers each training prompt once)."""
+    (the teacher answers each training prompt once), and for the others no teacher endpoint."""
     update = {"algorithm": f["algorithm"]}
     if cache is not None:
         update["teacher_cache"] = str(cache)
     if f["algorithm"] == "seqkd":
         update["teacher_answers"] = str(exp / "teacher_answers" / f"{slug(f['teacher'])}-{f['teacher_state']}.jsonl")
+    else:
+        update["teacher_endpoint"] = None  # only sequence-level KD asks an endpoint for its teacher
     return update
 
 

@@ -81,6 +81,12 @@ class RationaleExperimentConfig(Section):
     def _apply_preset(cls, v: Any) -> Any:
         return apply_preset(RATIONALE_PRESETS, "cpu", v)
 
+    @model_validator(mode="after")
+    def _in_process(self):
+        if self.generation.endpoint:
+            raise ValueError("generation.endpoint: rationale experiments generate with the models they train, in-process")
+        return self
+
 
 class RationaleCellConfig(Section):
     """What shapes the training of one cell: its run directory's config.yaml, against which a resumed cell is checked."""

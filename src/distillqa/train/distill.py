@@ -9,7 +9,8 @@ import torch
 
 from safetensors.torch import save_file
 
-from distillqa.config import DistillConfig, KDConfig
+from distillqa.clients import completions_client
+from distillqa.config import DistillConfig, GenerationConfig, KDConfig
 from distillqa.data import load_splits
 from distillqa.data.prompts import PromptBuilder, collate_right
 from distillqa.errors import ConfigError, DataError
@@ -160,8 +161,10 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, build_s: PromptBuilder
     """Sequence-level KD (Kim & Rush 2016): cross-entropy on the teacher's greedy answers to the
     training prompts instead of the references. The teacher answers the examples the run reaches
     (the SFT-only baseline's examples, by the same seeded order) once, into `kd.teacher_answers`,
-    and is released before training; text carries across any two vocabularies. The validation
-    loss is the cross-entropy on the references of `validation` (encoded validation examples)."""
+    and is released before training; text carries across any two vocabularies. With
+    `kd.teacher_endpoint` the teacher is never loaded here: an OpenAI-compatible endpoint answers
+    the prompts in the teacher's chat format (its tokenizer, `teacher.name`, renders them). The
+    validation loss is the cross-entropy on the references of `validation` (encoded validation examples)."""
     prompt = cfg.prompt
     fitting = [ex for ex in examples if build_s.encode_train(ex) is not None]  # as SFT filters them
     if not fitting:
@@ -169,17 +172,22 @@ def run_sequence_kd(cfg: DistillConfig, examples, report, build_s: PromptBuilder
                         f"({prompt.max_length} tokens) even without its context; raise prompt.max_length")
     launch = processes()
     chosen = [fitting[i] for i in examples_trained_on(len(fitting), cfg.train, launch.num_processes)]
-    if cfg.kd.teacher_answers:  # a store the user names is checked before the run directory exists
-        read_answers_store(cfg.teacher.name, build_t, cfg.kd.answer_tokens, Path(cfg.kd.teacher_answers))
+    # An endpoint, and a store the user names, are checked before the run directory exists.
+    endpoint = (completions_client(cfg.kd.teacher_endpoint, cfg.teacher.name, GenerationConfig(max_new_tokens=cfg.kd.answer_tokens),
+                                   "kd.teacher_endpoint") if cfg.kd.teacher_endpoint else None)
+    answered_by, url = (endpoint.model, endpoint.base_url) if endpoint else (cfg.teacher.name, None)
+    if cfg.kd.teacher_answers:
+        read_answers_store(answered_by, build_t, cfg.kd.answer_tokens, Path(cfg.kd.teacher_answers), endpoint=url)
 
     run = open_run(cfg, resume, report, len(chosen), len(examples) - len(fitting))
     if run.finished:
         return run.path
     store = Path(cfg.kd.teacher_answers or run.path / "teacher_answers.jsonl")
     with launch.main_process_first():  # the main process answers; the others find the store complete
-        answers = stored_answers(cfg.teacher.name, lambda: load_model(cfg.teacher.name, cfg.teacher.precision,
-                                                                       cfg.teacher.trust_remote_code),
-                                 build_t.tok, build_t, chosen, cfg.kd.answer_tokens, store, desc="teacher answers")
+        teacher = (lambda: endpoint) if endpoint else (
+            lambda: load_model(cfg.teacher.name, cfg.teacher.precision, cfg.teacher.trust_remote_code))
+        answers = stored_answers(answered_by, teacher, build_t.tok, build_t, chosen, cfg.kd.answer_tokens, store,
+                                 desc="teacher answers", endpoint=url)
     encoded = [build_s.encode_train(ex, answers[ex.id]) for ex in chosen if answers[ex.id]]
     data = [e for e in encoded if e is not None]
     if not data:
