@@ -69,6 +69,22 @@ def test_distill_real_teacher_into_15_layer_student(teacher, algorithm, tmp_path
     assert load_model(str(run)).config.num_hidden_layers == 15
 
 
+@pytest.mark.parametrize("algorithm", ["dskd-cma", "uld"])
+def test_on_policy_across_vocabularies_gemma_teacher_smollm2_student(algorithm, tmp_path):
+    """Every step on the student's own samples, re-tokenised for gemma3-270m's 262k vocabulary."""
+    from distillqa.config import DistillConfig
+    from distillqa.train.distill import run_distill
+
+    run = run_distill(load_config(DistillConfig, None, [
+        "teacher.name=gemma3-270m", "student.name=smollm2-135m@layers=angular:22", f"kd.algorithm={algorithm}",
+        "kd.lmbda=1", "kd.sample_max_new_tokens=6", f"output_dir={tmp_path}/kd", "data.max_train_examples=4",
+        "train.max_steps=2", "train.batch_size=2", "train.log_every=1", "prompt.max_length=256", "lora.r=4"]))
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["on_policy"] for row in log] == [1.0, 1.0]
+    assert all(row["kd"] >= 0 and row["loss"] > 0 for row in log)
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
 def test_experiment_grid_with_real_models(tmp_path):
     """A one-state grid on the real models: the pruned student healed from SmolLM2, vocabularies
     detected from the tokenizers, the cross-vocabulary cell trained, every row answered and

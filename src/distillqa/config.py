@@ -225,6 +225,13 @@ class KDConfig(Section):
     head_mass: float = Field(0.5, gt=0, lt=1, description="mu of adaptive KL: teacher mass that makes up the head.")
     chunk_size: int | None = Field(32, ge=1, description="Answer tokens projected to the vocabulary at a time (null: all at once).")
     projector_lr: float = Field(1e-3, gt=0, description="Learning rate of the DSKD projectors.")
+    lmbda: float = Field(0.0, ge=0, le=1, description="On-policy KD (GKD): the probability that a batch's answers are "
+                         "sampled from the student itself and scored by the teacher instead of the references (0: "
+                         "supervised KD; 1: fully on-policy). The student's CE term then has its sampled tokens as labels; "
+                         "GKD as published is kd_rate 1. Any algorithm but seqkd; across vocabularies the sampled text is "
+                         "tokenised again for the teacher (dskd-cma, uld). In a grid: the `-onpolicy` cells' lmbda.")
+    sample_temperature: float = Field(1.0, gt=0, description="On-policy KD: temperature of the student's sampling.")
+    sample_max_new_tokens: int = Field(48, ge=1, description="On-policy KD: new tokens per sampled answer.")
     answer_tokens: int = Field(48, ge=1, description="seqkd: new tokens per teacher answer.")
     teacher_answers: str | None = Field(None, description="seqkd: JSONL store of the teacher's answers, shared by the runs "
                                         "that name it (default: teacher_answers.jsonl in the run directory).")
@@ -237,7 +244,13 @@ class KDConfig(Section):
                                       "temperature 1; a sampling cache needs divergence forward_kl).")
 
     @model_validator(mode="after")
-    def _cache_fits(self):
+    def _options_agree(self):
+        if self.lmbda and self.algorithm == "seqkd":
+            raise ValueError("lmbda: seqkd trains on the teacher's answers; on-policy KD (lmbda > 0) needs a token-level "
+                             "algorithm (vanilla, dskd, dskd-cma, uld)")
+        if self.lmbda and self.teacher_cache:
+            raise ValueError("teacher_cache: a cache holds the teacher's distributions on the reference answers, not on "
+                             "the student's samples; on-policy KD (lmbda > 0) needs the teacher loaded")
         if self.teacher_cache and self.algorithm != "vanilla":
             raise ValueError(f"teacher_cache: only 'vanilla' KD trains from a cache, not '{self.algorithm}' (DSKD and "
                              "DSKD-CMA need the teacher's hidden states, ULD the teacher's own tokenisation)")
@@ -344,7 +357,10 @@ class DistillConfig(Section):
         return self
 
 
-Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"]
+# A grid's algorithms: those of `kd.algorithm`, and the token-level ones on-policy (`-onpolicy`, with `distill.kd.lmbda`).
+ON_POLICY = "-onpolicy"
+Algorithm = Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd",
+                    "vanilla-onpolicy", "dskd-onpolicy", "dskd-cma-onpolicy", "uld-onpolicy"]
 
 
 class DeriveConfig(Section):

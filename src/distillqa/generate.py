@@ -36,24 +36,35 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def generate_batch(model, tok, prompts: list[list[int]], cfg: GenerationConfig, seed: int = 0, details: bool = False) -> list:
-    """Continuations of token-id prompts, left-padded into one batch, KV-cached; stripped text.
-
-    With `details`, each item is (text, finish_reason, completion_tokens): finish_reason is "stop"
-    when the model ended its answer and "length" when `max_new_tokens` cut it."""
+def generate_ids(model, tok, prompts: list[list[int]], cfg: GenerationConfig, seed: int = 0) -> torch.Tensor:
+    """The new tokens after each token-id prompt [B, N]: prompts left-padded into one batch, KV-cached; a row that
+    ends early is padded after its end-of-sequence token. Sampling (`cfg.do_sample`) is seeded by `seed` and leaves
+    the caller's random state as it was; the model is back in its train or eval mode afterwards."""
+    training = model.training
     model.eval()
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_left(prompts, tok.pad_token_id).items()}
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=tok.pad_token_id,
                   eos_token_id=tok.eos_token_id, use_cache=True)
     if cfg.do_sample:
-        torch.manual_seed(seed)
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(**batch, **kwargs)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(**batch, **kwargs)
+    model.train(training)
     if not is_encoder_decoder(model):  # a causal LM returns the prompt too; a decoder only its own tokens
         out = out[:, batch["input_ids"].shape[1] :]
+    return out
+
+
+def generate_batch(model, tok, prompts: list[list[int]], cfg: GenerationConfig, seed: int = 0, details: bool = False) -> list:
+    """Continuations of token-id prompts (`generate_ids`) as stripped text.
+
+    With `details`, each item is (text, finish_reason, completion_tokens): finish_reason is "stop"
+    when the model ended its answer and "length" when `max_new_tokens` cut it."""
+    out = generate_ids(model, tok, prompts, cfg, seed)
     texts = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
     if not details:
         return texts

@@ -152,9 +152,31 @@ def test_sequence_kd_cells_pair_within_their_family_and_share_one_answers_store_
     assert "vocabulary" not in hyps  # vanilla vs seqkd would change the algorithm family with the vocabulary
     rows, hyps = plan(**{"grid.teachers": [{"name": T1, "algorithms": ["seqkd"]}, {"name": T2, "algorithms": ["seqkd"]}]})
     assert hyps["vocabulary"] == {(c("seqkd", T1, ts, ss), c("seqkd", T2, ts, ss)) for ts in STATES for ss in STATES}
-    stores = {name: cell_kd(tmp_path, row.factors, None)["teacher_answers"] for name, row in rows.items() if row.kind == "cell"}
+    stores = {name: cell_kd(tmp_path, row.factors, None, 0.0)["teacher_answers"] for name, row in rows.items() if row.kind == "cell"}
     for teacher in (T1, T2):
         for ts in STATES:
             assert stores[c("seqkd", teacher, ts, "base")] == stores[c("seqkd", teacher, ts, "sft")]
         assert stores[c("seqkd", teacher, "base", "base")] != stores[c("seqkd", teacher, "sft", "base")]
     assert len(set(stores.values())) == 4
+
+
+def test_on_policy_cells_pair_with_the_supervised_algorithm_and_sample_with_the_grids_lmbda(tmp_path):
+    from distillqa.errors import ConfigError
+    from distillqa.experiment.runner import cell_kd
+
+    one_state = {"grid.teacher_states": ["base"], "grid.student_states": ["base"], "distill.kd.lmbda": 0.5}
+    rows, hyps = plan(**one_state, **{
+        "grid.teachers": [{"name": T1, "algorithms": ["vanilla", "vanilla-onpolicy"]}, {"name": T2, "algorithms": ["uld-onpolicy"]}],
+        "stats.algorithm_pairs": [["vanilla-onpolicy", "vanilla"]]})
+    on, off, cross = c("vanilla-onpolicy", T1, "base", "base"), c("vanilla", T1, "base", "base"), c("uld-onpolicy", T2, "base", "base")
+    assert hyps["vanilla-onpolicy_vs_vanilla"] == {(on, off)}
+    assert hyps["vocabulary"] == {(on, cross)}  # on-policy with on-policy: the family does not change with the vocabulary
+    check_factors(rows, hyps["vanilla-onpolicy_vs_vanilla"], {"algorithm", "family"}, {"family": "logit on-policy"})
+    # every cell's KD settings: the algorithm itself, on-policy with the grid's lmbda or on the references
+    assert {name: cell_kd(tmp_path, rows[name].factors, None, 0.5) for name in (on, off, cross)} == {
+        on: {"algorithm": "vanilla", "lmbda": 0.5}, off: {"algorithm": "vanilla", "lmbda": 0.0},
+        cross: {"algorithm": "uld", "lmbda": 0.5}}
+    with pytest.raises(ConfigError, match="needs a teacher with the student's tokenizer"):
+        plan(**one_state, **{"grid.teachers": [{"name": T2, "algorithms": ["vanilla-onpolicy"]}]})
+    with pytest.raises(ConfigError, match=r"\['dskd-onpolicy'\] sample the student's answers .* distill.kd.lmbda"):
+        plan(**{"grid.teachers": [{"name": T1, "algorithms": ["dskd-onpolicy"]}]})

@@ -154,6 +154,13 @@ def collate_right(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_pairs(items: list[tuple[Encoded, Encoded]], pad_student: int, pad_teacher: int) -> dict[str, torch.Tensor]:
+    """Student and teacher tokenisations of the same examples; teacher keys get a `teacher_` prefix."""
+    batch = collate_right([s for s, _ in items], pad_student)
+    batch.update({f"teacher_{k}": v for k, v in collate_right([t for _, t in items], pad_teacher).items()})
+    return batch
+
+
 def collate_left(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts for batched generation."""
     width = max(len(p) for p in prompts)

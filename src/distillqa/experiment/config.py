@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distillqa.config import (Algorithm, CacheSettings, DataConfig, EvaluateConfig, GenerationConfig, HealConfig, KDConfig,
+from distillqa.config import (ON_POLICY, Algorithm, CacheSettings, DataConfig, EvaluateConfig, GenerationConfig, HealConfig, KDConfig,
                               LoraConfig, MCQConfig, ModelConfig, PromptConfig, Section, TrainConfig, apply_preset)
 from distillqa.metrics.registry import asks_for_judge
 
@@ -16,7 +16,9 @@ State = Literal["base", "sft"]
 
 class TeacherSpec(Section):
     name: str = Field(..., description="Teacher model (any model name).")
-    algorithms: list[Algorithm] = Field(..., min_length=1, description="KD algorithms run with this teacher.")
+    algorithms: list[Algorithm] = Field(..., min_length=1, description="KD algorithms run with this teacher; "
+                                        "`<algorithm>-onpolicy` is that algorithm on-policy, with lmbda `distill.kd.lmbda` "
+                                        "(the other cells train on the references, lmbda 0).")
 
 
 class GridConfig(Section):
@@ -168,6 +170,10 @@ class ExperimentConfig(Section):
             if endpoint and endpoint.model:
                 raise ValueError(f"{key}.model: the grid's rows and teachers are different models; leave it unset, "
                                  "so that each asks the endpoint for its own model by name")
+        on_policy = sorted({a for t in self.grid.teachers for a in t.algorithms if a.endswith(ON_POLICY)})
+        if on_policy and not self.distill.kd.lmbda:
+            raise ValueError(f"grid.teachers: {on_policy} sample the student's answers with probability distill.kd.lmbda, "
+                             "which is 0; set it (1: every batch on-policy)")
         if self.preset == "cpu" and self.data.source.startswith("bundled:"):
             raise ValueError("preset 'cpu' needs data.source: the path of your QA file (e.g. TeleQuAD-v4-full.json)")
         specs = [self.evaluate.metrics] + [h.metrics for h in self.held_out if h.metrics]

@@ -16,14 +16,30 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from distillqa.config import ON_POLICY
 from distillqa.errors import ConfigError
 from distillqa.experiment.config import ExperimentConfig
 
 # Vanilla KD and ULD both match output distributions; DSKD and DSKD-CMA both distil in the
 # two models' representation spaces; sequence-level KD learns the teacher's answers as text, with any
-# vocabulary. The vocabulary hypothesis pairs algorithms of one family.
+# vocabulary. An algorithm on-policy (`-onpolicy`: trained on the student's own samples) is a family of
+# its own. The vocabulary hypothesis pairs algorithms of one family.
 ALGORITHM_FAMILY = {"vanilla": "logit", "uld": "logit", "dskd": "dual-space", "dskd-cma": "dual-space", "seqkd": "sequence"}
 SAME_VOCAB_ONLY = ("vanilla", "dskd")
+
+
+def base_algorithm(algorithm: str) -> str:
+    """The `kd.algorithm` of a grid algorithm: `vanilla-onpolicy` -> `vanilla`."""
+    return algorithm.removesuffix(ON_POLICY)
+
+
+def is_on_policy(algorithm: str) -> bool:
+    return algorithm.endswith(ON_POLICY)
+
+
+def algorithm_family(algorithm: str) -> str:
+    family = ALGORITHM_FAMILY[base_algorithm(algorithm)]
+    return f"{family} on-policy" if is_on_policy(algorithm) else family
 
 
 def slug(name: str) -> str:
@@ -90,15 +106,16 @@ def plan_rows(cfg: ExperimentConfig, same_vocab: dict[str, bool]) -> list[Row]:
     for t in grid.teachers:
         vocab = "same" if same_vocab[t.name] else "different"
         for algorithm in t.algorithms:
-            if algorithm in SAME_VOCAB_ONLY and vocab == "different":
+            if base_algorithm(algorithm) in SAME_VOCAB_ONLY and vocab == "different":
                 raise ConfigError(
                     f"grid.teachers: '{algorithm}' needs a teacher with the student's tokenizer, but {t.name} and "
-                    f"{grid.student.name} map tokens to ids differently; use 'dskd-cma', 'uld' or 'seqkd' for this teacher")
+                    f"{grid.student.name} map tokens to ids differently; use 'dskd-cma', 'uld' or 'seqkd' (or their "
+                    "-onpolicy variants) for this teacher")
             for t_state in grid.teacher_states:
                 for s_state in grid.student_states:
                     rows.append(Row(kd_cell_name(t.name, t_state, s_state, algorithm), "cell", {
                         "teacher": t.name, "teacher_state": t_state, "student_state": s_state, "algorithm": algorithm,
-                        "family": ALGORITHM_FAMILY[algorithm], "vocabulary": vocab}))
+                        "family": algorithm_family(algorithm), "vocabulary": vocab}))
     return rows
 
 

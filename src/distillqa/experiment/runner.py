@@ -33,8 +33,8 @@ from typing import Callable
 from distillqa.config import DistillConfig, GenerateConfig, ModelConfig, SFTConfig, TeacherCacheConfig
 from distillqa.exp_dir import check_config, directory_lock, experiment_lock
 from distillqa.experiment.config import ExperimentConfig
-from distillqa.experiment.grid import (STUDENT_SFT_DIR, Row, held_out_dir, plan_hypotheses, plan_rows, slug,
-                                       teacher_cache_dir, teacher_sft_dir)
+from distillqa.experiment.grid import (STUDENT_SFT_DIR, Row, base_algorithm, held_out_dir, is_on_policy, plan_hypotheses,
+                                       plan_rows, slug, teacher_cache_dir, teacher_sft_dir)
 from distillqa.io import write_json
 from distillqa.train.run_dir import RunDir
 
@@ -182,7 +182,7 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
             stages.append(training("distill", DistillConfig(
                 teacher=ModelConfig(name=teacher_model(exp, f["teacher"], f["teacher_state"])),
                 student=student_cfg(f["student_state"]), lora=cfg.distill.lora,
-                train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update=cell_kd(exp, f, cache)),
+                train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update=cell_kd(exp, f, cache, cfg.distill.kd.lmbda)),
                 output_dir=str(exp / "cells" / row.name), **shared), run_distill))
         model = (student.model_copy(update={"name": row_model(student_base, exp, row)}) if row.kind != "teacher"
                  else ModelConfig(name=row_model(student_base, exp, row)))
@@ -199,11 +199,12 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
     return plan
 
 
-def cell_kd(exp: Path, f: dict, cache: Path | None) -> dict:
-    """A cell's KD settings: its algorithm; the teacher state's cache for a vanilla cell when the grid
+def cell_kd(exp: Path, f: dict, cache: Path | None, lmbda: float) -> dict:
+    """A cell's KD settings: its algorithm, on-policy with `lmbda` for an `-onpolicy` cell and on the
+    references (lmbda 0) otherwise; the teacher state's cache for a vanilla cell when the grid
     has one; for sequence-level KD the answers store that every cell of the same teacher state shares
     (the teacher answers each training prompt once), and for the others no teacher endpoint."""
-    update = {"algorithm": f["algorithm"]}
+    update = {"algorithm": base_algorithm(f["algorithm"]), "lmbda": lmbda if is_on_policy(f["algorithm"]) else 0.0}
     if cache is not None:
         update["teacher_cache"] = str(cache)
     if f["algorithm"] == "seqkd":

@@ -1,4 +1,5 @@
-"""`distillqa distill`: distil a student from a frozen teacher with one of the KD objectives."""
+"""`distillqa distill`: distil a student from a frozen teacher with one of the KD objectives, on the
+references or (`kd.lmbda` > 0) on the student's own answers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from distillqa.clients import completions_client
 from distillqa.config import DistillConfig, GenerationConfig, KDConfig
 from distillqa.data import load_splits
-from distillqa.data.prompts import PromptBuilder, collate_right
+from distillqa.data.prompts import PromptBuilder, collate_pairs, collate_right
 from distillqa.errors import ConfigError, DataError
 from distillqa.generate import read_answers_store, stored_answers
 from distillqa.models.lora import apply_lora
@@ -24,6 +25,7 @@ from distillqa.train.kd import ULD, CachedKD, VanillaKD
 from distillqa.train.loop import examples_trained_on, train, validation_examples
 from distillqa.train.losses import DIVERGENCES, SampledKL, TopKTail
 from distillqa.train.objectives import SFTObjective
+from distillqa.train.onpolicy import OnPolicyKD
 from distillqa.train.run_dir import RunDir, save_final
 from distillqa.train.sft import encode_split
 from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split
@@ -54,12 +56,6 @@ def encode_pairs(build_s: PromptBuilder, build_t: PromptBuilder, examples, same_
     pairs = [(build_s.encode_train(ex), build_t.encode_train(ex)) for ex in examples]
     return [(s, s if same_vocab else t) for s, t in pairs if s is not None and t is not None]
 
-
-def collate_pairs(items, pad_student: int, pad_teacher: int) -> dict:
-    """Student and teacher tokenisations of the same examples; teacher keys get a `teacher_` prefix."""
-    batch = collate_right([s for s, _ in items], pad_student)
-    batch.update({f"teacher_{k}": v for k, v in collate_right([t for _, t in items], pad_teacher).items()})
-    return batch
 
 
 def cached_objective(cfg: KDConfig, cache: TeacherCache) -> CachedKD:
@@ -102,6 +98,8 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
     teacher = load_model(cfg.teacher.name, cfg.teacher.precision, cfg.teacher.trust_remote_code)
     student = load_student(cfg)
     objective = make_objective(cfg.kd, teacher, student)
+    if cfg.kd.lmbda:
+        objective = OnPolicyKD(objective, cfg.kd, tok_s, None if same else build_t)
     projectors = [p for n, p in objective.named_parameters() if p.requires_grad]
     groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
     if projectors:

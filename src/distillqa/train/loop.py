@@ -4,7 +4,9 @@ objective plugged in here, never a copy of this loop.
 Data order is a pure function of (seed, step): optimizer step s uses micro-batches
 s*grad_accum .. (s+1)*grad_accum-1 of a stream of seeded per-epoch permutations. A resumed run
 therefore sees exactly the batches an uninterrupted run would, and restoring the optimizer,
-scheduler and RNG state from the checkpoint makes it continue identically.
+scheduler and RNG state from the checkpoint makes it continue identically. Each batch also carries
+`seed`, a pure function of (seed, step, micro-batch, process), for whatever an objective draws on it
+(on-policy answers): a resumed run draws the same.
 
 Several processes (`torchrun --nproc_per_node N -m distillqa.cli ...`, or `accelerate launch`) train
 data-parallel: each takes its slice of every global batch (N x batch_size examples), the loss runs
@@ -27,6 +29,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -76,6 +79,11 @@ def examples_trained_on(num_examples: int, cfg: TrainConfig, world: int = 1) -> 
 def validation_examples(splits: dict[str, list], cfg: TrainConfig) -> list:
     """The validation examples a run measures its loss on (none when `eval_every` is 0)."""
     return splits["validation"][: cfg.eval_examples] if cfg.eval_every else []
+
+
+def batch_seed(seed: int, micro_batch: int, process_index: int) -> int:
+    """The seed of what an objective draws on micro-batch `micro_batch` (its index in the schedule) of one process."""
+    return int(np.random.SeedSequence([seed % 2**32, micro_batch, process_index]).generate_state(1)[0])
 
 
 def lr_lambda(cfg: TrainConfig, steps: int):
@@ -163,7 +171,9 @@ def train(
     for step in bar:
         step_loss, logs = 0.0, {}
         for k in range(cfg.grad_accum):
-            batch = collate([data[i] for i in schedule[step * cfg.grad_accum + k]])
+            micro_batch = step * cfg.grad_accum + k
+            batch = collate([data[i] for i in schedule[micro_batch]])
+            batch["seed"] = torch.tensor(batch_seed(cfg.seed, micro_batch, accelerator.process_index))
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             # Gradients are averaged across processes once per step, in the last micro-batch's backward.
