@@ -25,7 +25,7 @@ import time
 
 import torch
 
-STUDENT = "smollm2-135m@layers=angular:22"
+STUDENT = "smollm2-135m@layers=angular:26"
 TEACHERS = {"vanilla": "smollm2-135m", "dskd": "smollm2-135m", "dskd-cma": "gemma3-270m", "uld": "gemma3-270m"}
 
 

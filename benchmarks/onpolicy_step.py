@@ -20,7 +20,7 @@ from statistics import mean
 
 import torch
 
-STUDENT = "smollm2-135m@layers=angular:22"
+STUDENT = "smollm2-135m@layers=angular:26"
 CASES = [("smollm2-135m", "vanilla"), ("gemma3-270m", "dskd-cma"), ("gemma3-270m", "uld")]
 
 

@@ -4,7 +4,7 @@ healing, next to its parent's, on the bundled sample's test questions, and heali
 It heals into a temporary directory (the model cache is not touched beyond the converted
 parent), then answers all test questions greedily with each model and prints one table:
 
-    python benchmarks/student_healing.py [--parent smollm2-135m] [--layers angular:22] [--steps 40]
+    python benchmarks/student_healing.py [--parent smollm2-135m] [--layers angular:26] [--steps 40]
                                          [--compare every-other] [--max-new-tokens 24]
 """
 
@@ -38,7 +38,7 @@ def zero_shot(model, tok, examples, max_new_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parent", default="smollm2-135m")
-    ap.add_argument("--layers", default="angular:22")
+    ap.add_argument("--layers", default="angular:26")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--compare", default="every-other", help="Another layer spec scored unhealed, for reference.")
     ap.add_argument("--max-new-tokens", type=int, default=24)

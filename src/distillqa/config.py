@@ -341,7 +341,7 @@ class DistillConfig(Section):
     """`distillqa distill`: distil a student from a frozen teacher."""
 
     teacher: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
-    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=angular:22"))
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="smollm2-135m@layers=angular:26"))
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -367,7 +367,7 @@ class DeriveConfig(Section):
     """`distillqa derive-student`: a layer-pruned student, optionally healed from its parent."""
 
     parent: ModelConfig = Field(default_factory=ModelConfig, description="The model whose layers are pruned.")
-    layers: str = Field("angular:22", description="Layers kept: `every-other`, indices and ranges (`0-3,8`), or measured on "
+    layers: str = Field("angular:26", description="Layers kept: `every-other`, indices and ranges (`0-3,8`), or measured on "
                         "the corpus: `angular:K` (drop the most redundant contiguous block) or `block-influence:K`.")
     data: DataConfig = Field(default_factory=DataConfig, description="QA data: the `train` corpus and the zero-shot check.")
     prompt: PromptConfig = Field(default_factory=PromptConfig)

@@ -64,18 +64,16 @@ def two_teacher_pairs(cells: list[tuple[str, str]]) -> dict[str, set]:
 
 def test_default_grid_pairs_every_hypothesis_exactly():
     cfg = load_config(ExperimentConfig, None, [])
-    assert [(t.name, t.algorithms) for t in cfg.grid.teachers] == [(T1, ["vanilla"]), (T2, ["uld"])]
+    assert [(t.name, t.algorithms) for t in cfg.grid.teachers] == [(T1, ["vanilla"]), (T2, ["seqkd"])]
     assert (cfg.grid.teacher_states, cfg.grid.student_states) == (["base", "sft"], ["base", "sft"])
     rows, hyps = plan()
-    cells = [("vanilla", T1), ("uld", T2)]
-    assert hyps == {  # no algorithm pair: each teacher has one algorithm
-        **two_teacher_pairs(cells),
-        "vocabulary": {(c("vanilla", T1, ts, ss), c("uld", T2, ts, ss)) for ts in STATES for ss in STATES},
-    }
+    cells = [("vanilla", T1), ("seqkd", T2)]
+    # No algorithm pair: each teacher has one algorithm. No vocabulary pair: vanilla KD (logits) and
+    # sequence-level KD (text) are of different families.
+    assert hyps == two_teacher_pairs(cells)
     check_factors(rows, hyps["teacher_sft"], {"teacher_state"}, {"teacher_state": "sft"})
     check_factors(rows, hyps["student_sft"], {"student_state"}, {"student_state": "sft"})
     check_factors(rows, hyps["both_sft"], {"teacher_state", "student_state"}, {"teacher_state": "sft", "student_state": "sft"})
-    check_factors(rows, hyps["vocabulary"], {"vocabulary", "teacher", "algorithm"}, {"vocabulary": "same"})
 
 
 def test_study_grid_pairs_every_hypothesis_exactly():
@@ -174,8 +172,9 @@ def test_on_policy_cells_pair_with_the_supervised_algorithm_and_sample_with_the_
     check_factors(rows, hyps["vanilla-onpolicy_vs_vanilla"], {"algorithm", "family"}, {"family": "logit on-policy"})
     # every cell's KD settings: the algorithm itself, on-policy with the grid's lmbda or on the references
     assert {name: cell_kd(tmp_path, rows[name].factors, None, 0.5) for name in (on, off, cross)} == {
-        on: {"algorithm": "vanilla", "lmbda": 0.5}, off: {"algorithm": "vanilla", "lmbda": 0.0},
-        cross: {"algorithm": "uld", "lmbda": 0.5}}
+        on: {"algorithm": "vanilla", "lmbda": 0.5, "teacher_endpoint": None},
+        off: {"algorithm": "vanilla", "lmbda": 0.0, "teacher_endpoint": None},
+        cross: {"algorithm": "uld", "lmbda": 0.5, "teacher_endpoint": None}}
     with pytest.raises(ConfigError, match="needs a teacher with the student's tokenizer"):
         plan(**one_state, **{"grid.teachers": [{"name": T2, "algorithms": ["vanilla-onpolicy"]}]})
     with pytest.raises(ConfigError, match=r"\['dskd-onpolicy'\] sample the student's answers .* distill.kd.lmbda"):

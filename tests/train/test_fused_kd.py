@@ -58,7 +58,8 @@ def assert_same(got, want):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     assert got[1].keys() == want[1].keys() and len(got[1]) > 0
     for name in want[1]:
-        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums in another order: gradients of ~3 differ by ~2e-6; a wrong term differs by >1e-2
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

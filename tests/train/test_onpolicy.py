@@ -85,7 +85,7 @@ def test_lmbda_one_trains_every_step_on_the_students_own_samples(tiny_model, tmp
     monkeypatch.setattr(onpolicy, "generate_ids", record_samples)
     monkeypatch.setattr(kd.VanillaKD, "forward", record_batch)
     student = f"{tiny_model}@layers=every-other"
-    run = run_distill(cfg_for(tiny_model, student, tmp_path / "r", "vanilla", "train.max_steps=3", "kd.lmbda=1",
+    run = run_distill(cfg_for(tiny_model, student, tmp_path / "r", "vanilla", "train.max_steps=3", "kd.lmbda=1", "train.eval_every=0",
                               "kd.sample_temperature=0.7", "kd.divergence=generalized_jsd", "kd.beta=0.3"))
     assert len(sampled) == len(seen) == 3
     for (prompts, samples), batch in zip(sampled, seen):

@@ -15,7 +15,8 @@ reference answer would be, after the teacher's own tokenisation of the same prom
 objective (DSKD-CMA or ULD) aligns the two tokenisations as it does for references.
 
 The coin and the sampling are seeded by the batch's `seed` (`loop.batch_seed`), so a resumed run
-samples what an uninterrupted run would have. The prompts are the training prompts as encoded for
+samples what an uninterrupted run would have. The validation loss (in eval mode) is the wrapped objective on the
+validation references. The prompts are the training prompts as encoded for
 the reference answer, so a sampled sequence may exceed `prompt.max_length` by up to
 `kd.sample_max_new_tokens` minus the reference's length.
 """
@@ -62,6 +63,8 @@ class OnPolicyKD(nn.Module):
         self.student_tok, self.teacher_builder = student_tok, teacher_builder
 
     def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]):
+        if not self.training:  # the validation loss: the wrapped objective on the references, nothing drawn
+            return self.objective(student, batch)
         seed = int(batch["seed"])
         on_policy = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < self.lmbda
         if on_policy:
