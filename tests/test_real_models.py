@@ -109,11 +109,11 @@ def test_experiment_grid_with_real_models(tmp_path):
     assert all(r["n"] == 4 for h in hyps for r in h["results"])
     rows = json.loads((exp / "results" / "rows.json").read_text())
     assert len(rows) == 6 and "data:image/png;base64," in (exp / "report.html").read_text()
-    # The student base is the healed 22-layer student, its run directory in the model cache.
+    # The student base is the healed 26-layer student (the default), its run directory in the model cache.
     student = yaml_model_name(exp / "rows" / "student-base")
     info = json.loads((Path(student) / "run.json").read_text())
-    assert info["kind"] == "heal" and len(info["layers"]) == 22 and info["layer_choice"]["method"] == "angular"
-    assert load_model(student).config.num_hidden_layers == 22
+    assert info["kind"] == "heal" and len(info["layers"]) == 26 and info["layer_choice"]["method"] == "angular"
+    assert load_model(student).config.num_hidden_layers == 26
 
 
 def yaml_model_name(row_dir: Path) -> str:
