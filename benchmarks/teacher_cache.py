@@ -39,7 +39,7 @@ def main() -> None:
     from distillqa.data.prompts import collate_right
     from distillqa.models.registry import load_model, load_tokenizer
     from distillqa.train.kd import CachedKD, VanillaKD
-    from distillqa.train.losses import ForwardKL, SampledKL, TopKTail
+    from distillqa.train.losses import ForwardKL, LossTerms, SampledKL, TopKTail
     from distillqa.train.objectives import SFTObjective, answer_states, project_to_vocab
     from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split, run_teacher_cache
 
@@ -93,9 +93,10 @@ def main() -> None:
         items = [(e, i) for i, e in enumerate(examples[: a.batch])]
         live_batch = collate_right([e for e, _ in items], tok.pad_token_id)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+        terms = LossTerms(0.5, [(0.5, ForwardKL())])
         steps = {"sft": (SFTObjective(), lambda: live_batch),
-                 "kd live teacher": (VanillaKD(teacher, ForwardKL(), 0.5, 32), lambda: live_batch),
-                 "kd from cache": (CachedKD(TopKTail(ForwardKL()), 0.5, 32),
+                 "kd live teacher": (VanillaKD(teacher, terms, 32), lambda: live_batch),
+                 "kd from cache": (CachedKD(terms, [TopKTail(terms.divergences[0])], 32),
                                    lambda: collate_cached(items, tok.pad_token_id, cache))}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(a.steps + 1):  # the first round warms up

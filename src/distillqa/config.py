@@ -210,16 +210,54 @@ class GenerateConfig(Section):
         return self
 
 
+class LossTerm(BaseModel):
+    """One term of a KD loss: `ce`, or a registered divergence with its weight and any of its own parameters."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = Field(..., description="`ce` (the student's cross-entropy on the answer tokens) or a divergence: "
+                      "each file in distillqa/train/losses/ registers one (README: Distillation).")
+    weight: float = Field(..., ge=0, description="Its weight in the sum.")
+
+    @model_validator(mode="after")
+    def _known(self):
+        params = self.params()
+        if self.name == "ce":
+            if params:
+                raise ValueError(f"loss 'ce' takes no parameters, got {', '.join(params)}")
+            return self
+        from distillqa.train.losses import DIVERGENCES, parameters  # torch, only for configs that name a loss
+        if self.name not in DIVERGENCES:
+            raise ValueError(f"unknown loss '{self.name}'; one of ce, {', '.join(DIVERGENCES)}")
+        if unknown := set(params) - set(parameters(self.name)):
+            raise ValueError(f"loss '{self.name}' has no parameter {', '.join(sorted(unknown))}; its parameters: "
+                             f"{', '.join(parameters(self.name))}")
+        try:
+            DIVERGENCES[self.name](**params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"loss '{self.name}': {e}") from None
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class KDConfig(Section):
     algorithm: Literal["vanilla", "dskd", "dskd-cma", "uld", "seqkd"] = Field(
         "vanilla", description="vanilla and dskd need one tokenizer for both models; dskd-cma and uld work across vocabularies; "
         "seqkd (sequence-level KD) trains on the teacher's greedy answers instead of the references, any two vocabularies."
     )
-    divergence: Literal[
-        "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd", "adaptive_kl", "generalized_jsd"
-    ] = Field("forward_kl", description="Token-level divergence for vanilla KD and for the DSKD student-space term.")
-    kd_rate: float = Field(0.5, ge=0, le=1, description="r in loss = (1 - r) * CE + r * KD (not used by seqkd).")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature applied to teacher and student logits alike.")
+    losses: list[LossTerm] | None = Field(
+        None, description="The loss as a list of weighted terms, e.g. [{name: ce, weight: 0.5}, {name: forward_kl, weight: "
+        "0.5, temperature: 2.0}]: loss = sum of weight x term over answer tokens (dskd, dskd-cma: the divergences make "
+        "their student-space term; uld: only vocabulary-free divergences such as `uld`; not used by seqkd). A term's parameters it does not "
+        "set come from the keys below of the same name (temperature, skew, beta, head_mass). null: the shorthand "
+        "[{name: ce, weight: 1 - kd_rate}, {name: DIVERGENCE, weight: kd_rate}], DIVERGENCE = `divergence` (uld: `uld`).")
+    divergence: str = Field("forward_kl", description="Shorthand (with kd_rate) for `losses`: the divergence of vanilla KD "
+                            "and of the DSKD student-space term, a name as in `losses` (not used by uld and seqkd).")
+    kd_rate: float = Field(0.5, ge=0, le=1, description="Shorthand for `losses`: r in loss = (1 - r) * CE + r * KD "
+                           "(not used by seqkd).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature applied to teacher and student logits alike "
+                               "(each divergence's, unless its `losses` term sets its own; DSKD's teacher-space KL).")
     skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed KL divergences.")
     beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD.")
     head_mass: float = Field(0.5, gt=0, lt=1, description="mu of adaptive KL: teacher mass that makes up the head.")
@@ -243,8 +281,18 @@ class KDConfig(Section):
                                       "manifest must match teacher.name, the student's tokenizer, data and prompt; "
                                       "temperature 1; a sampling cache needs divergence forward_kl).")
 
+    @field_validator("divergence")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v == "ce":
+            raise ValueError("'ce' is not a divergence; the CE term's weight is 1 - kd_rate")
+        LossTerm(name=v, weight=1)
+        return v
+
     @model_validator(mode="after")
     def _options_agree(self):
+        if self.losses is not None:
+            self._check_losses()
         if self.lmbda and self.algorithm == "seqkd":
             raise ValueError("lmbda: seqkd trains on the teacher's answers; on-policy KD (lmbda > 0) needs a token-level "
                              "algorithm (vanilla, dskd, dskd-cma, uld)")
@@ -254,10 +302,41 @@ class KDConfig(Section):
         if self.teacher_cache and self.algorithm != "vanilla":
             raise ValueError(f"teacher_cache: only 'vanilla' KD trains from a cache, not '{self.algorithm}' (DSKD and "
                              "DSKD-CMA need the teacher's hidden states, ULD the teacher's own tokenisation)")
-        if self.teacher_cache and self.temperature != 1:
+        if self.teacher_cache and (t := self.temperatures() - {1}):
             raise ValueError("teacher_cache: a cache holds log-probabilities at temperature 1, whose tail mass at another "
-                             f"temperature is unknown; set temperature=1 (got {self.temperature:g})")
+                             f"temperature is unknown; set temperature=1 (got {', '.join(f'{x:g}' for x in sorted(t))})")
         return self
+
+    def _check_losses(self):
+        names = [t.name for t in self.losses]
+        if names.count("ce") > 1 or names.count("ce") == len(names):
+            raise ValueError("losses: list at most one `ce` and at least one divergence")
+        if self.kd_rate != 0.5 or self.divergence != "forward_kl":
+            raise ValueError("losses: kd_rate and divergence are its shorthand; set the weights and divergences in "
+                             "losses only")
+        if self.algorithm == "uld":
+            from distillqa.train.losses import DIVERGENCES
+            if tied := [n for n in names if n != "ce" and not DIVERGENCES[n].vocabulary_free]:
+                raise ValueError(f"losses: uld pairs tokens of two vocabularies by position, so its divergences must "
+                                 f"not compare token ids; {', '.join(tied)} does (use `uld`)")
+
+    def loss_terms(self) -> list[LossTerm]:
+        """`losses`, or its shorthand [ce: 1 - kd_rate, divergence (uld: `uld`): kd_rate]."""
+        if self.losses is not None:
+            return self.losses
+        kd = "uld" if self.algorithm == "uld" else self.divergence
+        return [LossTerm(name="ce", weight=1 - self.kd_rate), LossTerm(name=kd, weight=self.kd_rate)]
+
+    def term_params(self, term: LossTerm) -> dict[str, Any]:
+        """A divergence term's parameters: its own, else this section's key of the same name, else the divergence's default."""
+        from distillqa.train.losses import parameters
+        return {p: term.params().get(p, getattr(self, p, default)) for p, default in parameters(term.name).items()}
+
+    def temperatures(self) -> set[float]:
+        return {self.term_params(t)["temperature"] for t in self.loss_terms() if t.name != "ce"}
+
+    def divergence_names(self) -> set[str]:
+        return {t.name for t in self.loss_terms() if t.name != "ce"}
 
 
 class CacheSettings(Section):

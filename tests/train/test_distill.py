@@ -13,8 +13,9 @@ from distillqa.errors import ConfigError
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train.distill import collate_pairs, run_distill
 from distillqa.train.dskd import DSKDCrossModelAttention
-from distillqa.train.kd import pack_rows, uld_distance
-from distillqa.train.losses import ForwardKL
+from distillqa.train.kd import pack_rows
+from distillqa.train.losses import ForwardKL, LossTerms
+from distillqa.train.losses.uld import ULDDistance
 
 from conftest import serving
 
@@ -127,12 +128,12 @@ def test_pack_rows_moves_kept_positions_to_the_front():
 
 
 def test_uld_is_zero_for_permuted_distributions_and_pads_vocabularies():
-    a = torch.randn(3, 10)
-    assert uld_distance(a, a[:, torch.randperm(10)], 1.0).abs().max() < 1e-6
+    a, uld_distance = torch.randn(3, 10), ULDDistance()
+    assert uld_distance(a, a[:, torch.randperm(10)]).abs().max() < 1e-6
     b = torch.randn(3, 25)
     pa, pb = torch.softmax(a, -1).sort(-1, descending=True).values, torch.softmax(b, -1).sort(-1, descending=True).values
     want = (torch.nn.functional.pad(pa, (0, 15)) - pb).abs().sum(-1)
-    torch.testing.assert_close(uld_distance(a, b, 1.0), want)
+    torch.testing.assert_close(uld_distance(a, b), want)
 
 
 def test_cma_attention_is_masked_to_answer_positions(tiny_model, tiny_other_vocab_model):
@@ -141,7 +142,7 @@ def test_cma_attention_is_masked_to_answer_positions(tiny_model, tiny_other_voca
     exs = load_examples("bundled:telecom-sample")[0][:3]
     items = [(PromptBuilder(tok_s, max_length=160).encode_train(e), PromptBuilder(tok_t, max_length=160).encode_train(e)) for e in exs]
     batch = collate_pairs(items, tok_s.pad_token_id, tok_t.pad_token_id)
-    cma = DSKDCrossModelAttention(teacher, student, ForwardKL(), 0.5, None)
+    cma = DSKDCrossModelAttention(teacher, student, LossTerms(0.5, [(0.5, ForwardKL())]), 1.0, None)
     scores, h_s, valid_s, h_t, valid_t, _ = cma.align(student, batch)
     n_s = [sum(1 for t in s.labels[1:] if t != -100) for s, _ in items]
     n_t = [sum(1 for t in t.labels[1:] if t != -100) for _, t in items]
@@ -164,7 +165,7 @@ def test_cma_alignment_puts_no_gradient_into_the_student(tiny_model, tiny_other_
     tok_t, tok_s = load_tokenizer(tiny_other_vocab_model), load_tokenizer(tiny_model)
     exs = load_examples("bundled:telecom-sample")[0][:3]
     items = [(PromptBuilder(tok_s, max_length=160).encode_train(e), PromptBuilder(tok_t, max_length=160).encode_train(e)) for e in exs]
-    cma = DSKDCrossModelAttention(teacher, student, ForwardKL(), 0.5, None)
+    cma = DSKDCrossModelAttention(teacher, student, LossTerms(0.5, [(0.5, ForwardKL())]), 1.0, None)
     scores, *_ = cma.align(student, collate_pairs(items, tok_s.pad_token_id, tok_t.pad_token_id))
     mask = scores > torch.finfo(scores.dtype).min
     assert student.get_input_embeddings().weight is student.get_output_embeddings().weight  # tied, as in SmolLM2

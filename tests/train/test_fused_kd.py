@@ -1,5 +1,5 @@
 """The fused KD step (`losses/fused.py`, taken by `VanillaKD`) against autograd through the formula
-loss = (1 - r) CE + r mean D(p || q), computed unchunked: same loss, same gradient on every student weight."""
+loss = w_ce CE + sum_j w_j mean D_j(p || q), computed unchunked: same loss, same gradient on every student weight."""
 
 import pytest
 import torch
@@ -8,9 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillqa.config import KDConfig, LoraConfig
 from distillqa.models.lora import apply_lora
-from distillqa.train.distill import make_divergence
+from distillqa.train.distill import make_loss_terms
 from distillqa.train.kd import VanillaKD
-from distillqa.train.losses import DIVERGENCES
+from distillqa.train.losses import DIVERGENCES, LossTerms
 from distillqa.train.objectives import answer_states, project_to_vocab
 
 KD_RATE = 0.3
@@ -36,15 +36,19 @@ def batch_with_prompts_and_padding() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def reference_loss(student, teacher, batch, divergence):
+def terms(name: str, temperature: float = 1.0) -> LossTerms:
+    return make_loss_terms(KDConfig(divergence=name, temperature=temperature, kd_rate=KD_RATE))
+
+
+def reference_loss(student, teacher, batch, terms: LossTerms):
     """Autograd through the formula, all answer tokens at once (`VanillaKD` before the fused step, unchunked)."""
     hidden, targets = answer_states(student, batch)
     with torch.no_grad():
         teacher_logits = project_to_vocab(teacher, answer_states(teacher, batch)[0])
     logits = project_to_vocab(student, hidden)
     v = min(logits.shape[-1], teacher_logits.shape[-1])
-    kd = divergence(logits[:, :v], teacher_logits[:, :v]).mean()
-    return (1 - KD_RATE) * F.cross_entropy(logits, targets) + KD_RATE * kd
+    kd = sum(w * d(logits[:, :v], teacher_logits[:, :v]).mean() for w, d in zip(terms.weights, terms.divergences))
+    return terms.ce_weight * F.cross_entropy(logits, targets) + kd
 
 
 def loss_and_grads(student, loss_fn):
@@ -68,11 +72,11 @@ def assert_same(got, want):
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 def test_fused_step_equals_autograd_through_the_formula(name, temperature, chunk, tied):
     student, teacher = tiny_llama(0, tied), tiny_llama(1, tied)
-    divergence = make_divergence(KDConfig(divergence=name, temperature=temperature))
+    loss = terms(name, temperature)
     batch = batch_with_prompts_and_padding()
-    objective = VanillaKD(teacher, divergence, KD_RATE, chunk)
+    objective = VanillaKD(teacher, loss, chunk)
     got = loss_and_grads(student, lambda: objective(student, batch)[0])
-    want = loss_and_grads(student, lambda: reference_loss(student, teacher, batch, divergence))
+    want = loss_and_grads(student, lambda: reference_loss(student, teacher, batch, loss))
     assert_same(got, want)
     assert "lm_head.weight" in got[1] or tied  # an untied head trains through the fused step's weight gradient
 
@@ -80,25 +84,54 @@ def test_fused_step_equals_autograd_through_the_formula(name, temperature, chunk
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
 def test_fused_step_with_softcapped_logits_and_a_padded_teacher_vocabulary(name):
     student, teacher = tiny_llama(0, tied=False, softcap=3.0), tiny_llama(1, tied=True, vocab=56, softcap=3.0)
-    divergence = make_divergence(KDConfig(divergence=name, temperature=2.0))
+    loss = terms(name, 2.0)
     batch = batch_with_prompts_and_padding()
-    objective = VanillaKD(teacher, divergence, KD_RATE, 3)
+    objective = VanillaKD(teacher, loss, 3)
     assert_same(loss_and_grads(student, lambda: objective(student, batch)[0]),
-                loss_and_grads(student, lambda: reference_loss(student, teacher, batch, divergence)))
+                loss_and_grads(student, lambda: reference_loss(student, teacher, batch, loss)))
+
+
+LIST = [{"name": "ce", "weight": 0.2}, {"name": "forward_kl", "weight": 0.5, "temperature": 2.0},
+        {"name": "skewed_reverse_kl", "weight": 0.1, "skew": 0.3}, {"name": "tvd", "weight": 0.2}]
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_list_of_terms_with_their_own_temperatures_equals_the_weighted_sum(chunk):
+    student, teacher = tiny_llama(0, tied=False), tiny_llama(1, tied=False)
+    loss = make_loss_terms(KDConfig(losses=LIST))
+    assert [d.temperature for d in loss.divergences] == [2.0, 1.0, 1.0] and loss.divergences[1].skew == 0.3
+    batch = batch_with_prompts_and_padding()
+    objective = VanillaKD(teacher, loss, chunk)
+    assert_same(loss_and_grads(student, lambda: objective(student, batch)[0]),
+                loss_and_grads(student, lambda: reference_loss(student, teacher, batch, loss)))
+    logs = objective(student, batch)[1]
+    assert set(logs) == {"ce", "kd", "kd_forward_kl", "kd_skewed_reverse_kl", "kd_tvd"}
+    weighted = (0.5 * logs["kd_forward_kl"] + 0.1 * logs["kd_skewed_reverse_kl"] + 0.2 * logs["kd_tvd"]) / 0.8
+    assert logs["kd"] == pytest.approx(weighted)
+
+
+def test_the_shorthand_keys_are_the_two_term_list():
+    short = make_loss_terms(KDConfig(divergence="generalized_jsd", beta=0.3, kd_rate=0.7, temperature=2.0))
+    listed = make_loss_terms(KDConfig(losses=[{"name": "ce", "weight": 0.3},
+                                              {"name": "generalized_jsd", "weight": 0.7, "beta": 0.3, "temperature": 2.0}]))
+    for built in (short, listed):
+        assert built.ce_weight == pytest.approx(0.3) and built.weights == [pytest.approx(0.7)]
+        assert (built.divergences[0].beta, built.divergences[0].temperature) == (0.3, 2.0)
 
 
 def test_a_head_with_an_adapter_takes_the_autograd_path_with_the_same_result():
     student = apply_lora(tiny_llama(0, tied=False), LoraConfig(target_modules=["q_proj", "lm_head"], dropout=0.0))
     torch.nn.init.normal_(student.base_model.model.lm_head.lora_B["default"].weight)  # a head the fused step cannot see
-    teacher, divergence, batch = tiny_llama(1, tied=False), DIVERGENCES["forward_kl"](), batch_with_prompts_and_padding()
-    objective = VanillaKD(teacher, divergence, KD_RATE, 2)
-    assert_same(loss_and_grads(student, lambda: objective(student, batch)[0]),
-                loss_and_grads(student, lambda: reference_loss(student, teacher, batch, divergence)))
+    teacher, batch = tiny_llama(1, tied=False), batch_with_prompts_and_padding()
+    for loss in (terms("forward_kl"), make_loss_terms(KDConfig(losses=LIST))):
+        objective = VanillaKD(teacher, loss, 2)
+        assert_same(loss_and_grads(student, lambda: objective(student, batch)[0]),
+                    loss_and_grads(student, lambda: reference_loss(student, teacher, batch, loss)))
 
 
 def test_a_batch_without_answer_tokens_gives_zero_loss_and_zero_gradients():
     student, teacher = tiny_llama(0, tied=True), tiny_llama(1, tied=True)
     batch = {**batch_with_prompts_and_padding()}
     batch["labels"] = torch.full_like(batch["labels"], -100)
-    loss, grads = loss_and_grads(student, lambda: VanillaKD(teacher, DIVERGENCES["forward_kl"](), KD_RATE, 2)(student, batch)[0])
+    loss, grads = loss_and_grads(student, lambda: VanillaKD(teacher, terms("forward_kl"), 2)(student, batch)[0])
     assert loss.item() == 0 and all(g.abs().max() == 0 for g in grads.values())

@@ -22,7 +22,7 @@ from distillqa.errors import DataError
 from distillqa.models.derive import prune_layers
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train.kd import VanillaKD
-from distillqa.train.losses import DIVERGENCES
+from distillqa.train.losses import ForwardKL, LossTerms
 from distillqa.train.heal import healing_corpus, run_heal
 
 
@@ -53,7 +53,7 @@ def test_healing_moves_the_student_toward_its_parent(healed):
     tok = load_tokenizer(cfg.parent.name)
     batch = collate_right(healing_corpus(cfg.heal, cfg.data, cfg.prompt, tok)[:8], tok.pad_token_id)
     parent = load_model(cfg.parent.name, "fp32")
-    kd = VanillaKD(parent, DIVERGENCES["forward_kl"](), kd_rate=1.0, chunk=None)
+    kd = VanillaKD(parent, LossTerms(0.0, [(1.0, ForwardKL())]), chunk=None)
     with torch.no_grad():
         pruned = kd(prune_layers(load_model(cfg.parent.name, "fp32"), [0, 2]), batch)[1]["kd"]
         after = kd(load_model(str(healed), "fp32"), batch)[1]["kd"]

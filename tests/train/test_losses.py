@@ -50,6 +50,8 @@ def reference(name, s, t):
             g = sum(gap[v] for v in head) / gap.sum()
             out.append(g * KL(pi[None], qi[None])[0] + (1 - g) * KL(qi[None], pi[None])[0])
         return torch.stack(out)
+    if name == "uld":
+        return (p.sort(-1, descending=True).values - q.sort(-1, descending=True).values).abs().sum(-1)
     raise KeyError(name)
 
 
@@ -132,3 +134,36 @@ def test_value_and_grad_matches_autograd_of_the_value(name):
     (want_grad,) = torch.autograd.grad(want.sum(), z)
     torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-8, atol=1e-10)
+
+
+def test_a_divergence_in_one_new_class_is_a_loss_the_config_accepts(monkeypatch):
+    """Registration by name is all a new divergence needs: `kd.divergence` and `kd.losses` accept it, with its
+    own parameters, and the objective builds it."""
+    from distillqa.config import KDConfig
+    from distillqa.train.distill import make_loss_terms
+    from distillqa.train.losses import Divergence, parameters
+
+    monkeypatch.setattr("distillqa.train.losses.base.DIVERGENCES", dict(DIVERGENCES))  # registered for this test only
+    import distillqa.train.losses.base as base
+
+    class Squared(Divergence, name="squared_test"):
+        """sum_v (p_v - q_v)^2 * scale."""
+
+        def __init__(self, temperature: float = 1.0, scale: float = 1.0):
+            super().__init__(temperature)
+            self.scale = scale
+
+        def per_token(self, student_logp, teacher_logp):
+            return self.scale * (teacher_logp.exp() - student_logp.exp()).pow(2).sum(-1)
+
+    assert base.DIVERGENCES["squared_test"] is Squared and parameters("squared_test") == {"temperature": 1.0, "scale": 1.0}
+    monkeypatch.setattr("distillqa.train.losses.DIVERGENCES", base.DIVERGENCES)
+    monkeypatch.setattr("distillqa.train.distill.DIVERGENCES", base.DIVERGENCES)
+    terms = make_loss_terms(KDConfig(losses=[{"name": "ce", "weight": 0.5}, {"name": "squared_test", "weight": 0.5, "scale": 3.0}]))
+    assert isinstance(terms.divergences[0], Squared) and terms.divergences[0].scale == 3.0
+    assert isinstance(make_loss_terms(KDConfig(divergence="squared_test")).divergences[0], Squared)
+    with pytest.raises(ValueError, match="has no parameter beta"):
+        KDConfig(losses=[{"name": "squared_test", "weight": 1, "beta": 0.2}])
+    with pytest.raises(TypeError, match="is taken"):
+        class Again(Divergence, name="squared_test"):
+            pass

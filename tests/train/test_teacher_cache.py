@@ -17,7 +17,7 @@ from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train import teacher_cache as tc
 from distillqa.train.distill import run_distill
 from distillqa.train.kd import CachedKD, VanillaKD
-from distillqa.train.losses import DIVERGENCES, ForwardKL, SampledKL, TopKTail
+from distillqa.train.losses import DIVERGENCES, ForwardKL, LossTerms, SampledKL, TopKTail
 from distillqa.train.objectives import answer_states, project_to_vocab
 
 COMMON = ["data.max_train_examples=12", "prompt.max_length=160"]
@@ -72,8 +72,8 @@ def test_with_k_equal_to_the_vocabulary_cached_kd_is_live_kd(tiny_model, tmp_pat
     batch = tc.collate_cached([(e, i) for i, e in enumerate(examples)], tok.pad_token_id, cache)
     student = f"{tiny_model}@layers=every-other"
     grads = []
-    for objective in (VanillaKD(load_model(tiny_model), DIVERGENCES[divergence](), 0.5, 7),
-                      CachedKD(TopKTail(DIVERGENCES[divergence]()), 0.5, 7)):
+    terms = LossTerms(0.5, [(0.5, DIVERGENCES[divergence]())])
+    for objective in (VanillaKD(load_model(tiny_model), terms, 7), CachedKD(terms, [TopKTail(terms.divergences[0])], 7)):
         model = load_model(student)
         loss, logs = objective(model, batch)
         loss.backward()

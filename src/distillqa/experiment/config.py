@@ -164,10 +164,13 @@ class ExperimentConfig(Section):
         names = [h.name for h in self.held_out]
         if len(set(names)) != len(names):
             raise ValueError(f"held_out: names must be unique, got {names}")
-        if self.grid.teacher_cache and self.distill.kd.temperature != 1:
+        kd = self.distill.kd
+        if kd.losses is not None and any(a.removesuffix(ON_POLICY) == "uld" for t in self.grid.teachers for a in t.algorithms):
+            kd.model_copy(update={"algorithm": "uld"})._check_losses()  # one distill.kd serves every cell
+        if self.grid.teacher_cache and (t := kd.temperatures() - {1}):
             raise ValueError("grid.teacher_cache: a teacher cache holds log-probabilities at temperature 1; "
-                             f"set distill.kd.temperature=1 (got {self.distill.kd.temperature:g})")
-        if self.grid.teacher_cache and self.distill.cache.method == "sampling" and self.distill.kd.divergence != "forward_kl":
+                             f"set distill.kd.temperature=1 (got {', '.join(f'{x:g}' for x in sorted(t))})")
+        if self.grid.teacher_cache and self.distill.cache.method == "sampling" and kd.divergence_names() != {"forward_kl"}:
             raise ValueError("grid.teacher_cache: a sampling cache is an unbiased target for forward KL only; set "
                              "distill.kd.divergence=forward_kl or distill.cache.method=topk")
         for key, endpoint in (("generation.endpoint", self.generation.endpoint),

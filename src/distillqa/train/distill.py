@@ -23,7 +23,7 @@ from distillqa.processes import processes
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
 from distillqa.train.kd import ULD, CachedKD, VanillaKD
 from distillqa.train.loop import examples_trained_on, train, validation_examples
-from distillqa.train.losses import DIVERGENCES, SampledKL, TopKTail
+from distillqa.train.losses import DIVERGENCES, LossTerms, SampledKL, TopKTail
 from distillqa.train.objectives import SFTObjective
 from distillqa.train.onpolicy import OnPolicyKD
 from distillqa.train.run_dir import RunDir, save_final
@@ -33,21 +33,22 @@ from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_t
 SAME_VOCAB = ("vanilla", "dskd")
 
 
-def make_divergence(cfg: KDConfig):
-    extra = {"skewed_forward_kl": {"skew": cfg.skew}, "skewed_reverse_kl": {"skew": cfg.skew},
-             "generalized_jsd": {"beta": cfg.beta}, "adaptive_kl": {"head_mass": cfg.head_mass}}
-    return DIVERGENCES[cfg.divergence](temperature=cfg.temperature, **extra.get(cfg.divergence, {}))
+def make_loss_terms(cfg: KDConfig) -> LossTerms:
+    """The loss of `kd.losses` (or its shorthand, `kd.kd_rate` and `kd.divergence`)."""
+    terms = cfg.loss_terms()
+    ce = sum(t.weight for t in terms if t.name == "ce")
+    return LossTerms(ce, [(t.weight, DIVERGENCES[t.name](**cfg.term_params(t))) for t in terms if t.name != "ce"])
 
 
 def make_objective(cfg: KDConfig, teacher, student):
-    div, r, chunk = make_divergence(cfg), cfg.kd_rate, cfg.chunk_size
+    terms, chunk = make_loss_terms(cfg), cfg.chunk_size
     if cfg.algorithm == "vanilla":
-        return VanillaKD(teacher, div, r, chunk)
+        return VanillaKD(teacher, terms, chunk)
     if cfg.algorithm == "dskd":
-        return DSKD(teacher, student, div, r, chunk)
+        return DSKD(teacher, student, terms, cfg.temperature, chunk)
     if cfg.algorithm == "dskd-cma":
-        return DSKDCrossModelAttention(teacher, student, div, r, chunk)
-    return ULD(teacher, r, cfg.temperature, chunk)
+        return DSKDCrossModelAttention(teacher, student, terms, cfg.temperature, chunk)
+    return ULD(teacher, terms, chunk)
 
 
 def encode_pairs(build_s: PromptBuilder, build_t: PromptBuilder, examples, same_vocab: bool) -> list[tuple]:
@@ -59,12 +60,13 @@ def encode_pairs(build_s: PromptBuilder, build_t: PromptBuilder, examples, same_
 
 
 def cached_objective(cfg: KDConfig, cache: TeacherCache) -> CachedKD:
+    terms = make_loss_terms(cfg)
     if cache.manifest["method"] == "topk":
-        return CachedKD(TopKTail(make_divergence(cfg)), cfg.kd_rate, cfg.chunk_size)
-    if cfg.divergence != "forward_kl":
+        return CachedKD(terms, [TopKTail(d) for d in terms.divergences], cfg.chunk_size)
+    if other := cfg.divergence_names() - {"forward_kl"}:
         raise ConfigError(f"kd.divergence: a sampling teacher cache is an unbiased target for forward_kl only, not "
-                          f"{cfg.divergence}; use forward_kl or a topk cache")
-    return CachedKD(SampledKL(), cfg.kd_rate, cfg.chunk_size)
+                          f"{', '.join(sorted(other))}; use forward_kl or a topk cache")
+    return CachedKD(terms, [SampledKL() for _ in terms.divergences], cfg.chunk_size)
 
 
 def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:

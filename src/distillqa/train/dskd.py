@@ -2,12 +2,14 @@
 cross-model attention (CMA), for different vocabularies.
 
 Both add to the student's cross-entropy a KD term made of three parts, each averaged over
-answer tokens: loss = (1 - r) * CE(student) + r * (CE_t2s + KD_t2s + KD_s2t).
+answer tokens: loss = w_ce * CE(student) + kd_weight * (CE_t2s + KD_t2s + KD_s2t), with the weights of
+`LossTerms` (with the shorthand keys (1 - r) * CE + r * (...)).
 - teacher space -> student space: t2s_logits = t2s(h_T) @ W_student_head^T (head detached);
-  CE_t2s = CE(t2s_logits, y) trains the projector; KD_t2s = D(t2s_logits || student), with the
-  t2s side detached, teaches the student (for CMA only where argmax t2s_logits = y);
+  CE_t2s = CE(t2s_logits, y) trains the projector; KD_t2s = the terms' weighted mean of
+  D_i(t2s_logits || student), with the t2s side detached, teaches the student (for CMA only where
+  argmax t2s_logits = y);
 - student space -> teacher space: s2t_logits = teacher_head(s2t(h_S)); KD_s2t =
-  KL(teacher || s2t_logits) teaches the student through the frozen teacher head.
+  KL(teacher || s2t_logits) at `temperature` teaches the student through the frozen teacher head.
 
 Precision: the projectors keep fp32 weights whatever the models' dtype (like peft's LoRA adapters,
 so that small AdamW updates are not rounded away in bf16); their inputs are cast to fp32, and their
@@ -25,7 +27,7 @@ from torch import nn
 
 from distillqa.data.prompts import IGNORE
 from distillqa.train.kd import FrozenTeacher, aligned_answer_states, pack_rows
-from distillqa.train.losses import Divergence, ForwardKL, chunked_mean
+from distillqa.train.losses import ForwardKL, LossTerms, chunked_mean
 from distillqa.train.objectives import answer_states, causal_lm_parts, project_to_vocab
 
 
@@ -50,12 +52,12 @@ class Projector(nn.Linear):
 class DSKD(FrozenTeacher):
     """DSKD for a teacher and student that share a tokenizer (same answer positions)."""
 
-    def __init__(self, teacher, student, divergence: Divergence, kd_rate: float, chunk: int | None):
+    def __init__(self, teacher, student, terms: LossTerms, temperature: float, chunk: int | None):
         super().__init__(teacher)
         d_t, d_s = hidden_size(teacher), hidden_size(student)
         self.t2s, self.s2t = Projector(d_t, d_s), Projector(d_s, d_t)
-        self.divergence, self.kd_rate, self.chunk = divergence, kd_rate, chunk
-        self.teacher_kl = ForwardKL(divergence.temperature)
+        self.terms, self.chunk = terms, chunk
+        self.teacher_kl = ForwardKL(temperature)
 
     def forward(self, student, batch):
         h_s, y = answer_states(student, batch)
@@ -68,17 +70,21 @@ class DSKD(FrozenTeacher):
             with torch.no_grad():
                 logits_t = project_to_vocab(self.teacher, ht)
             s2t = project_to_vocab(self.teacher, self.s2t(hs))
-            return torch.stack([
-                F.cross_entropy(logits_s, yy, reduction="none"),
-                F.cross_entropy(t2s, yy, reduction="none"),
-                self.divergence(logits_s, t2s.detach()),
-                self.teacher_kl(s2t, logits_t),
+            return torch.cat([
+                torch.stack([F.cross_entropy(logits_s, yy, reduction="none"), F.cross_entropy(t2s, yy, reduction="none"),
+                             self.teacher_kl(s2t, logits_t)], dim=-1),
+                self.terms.per_token(logits_s, t2s.detach()),
             ], dim=-1)
 
-        ce, t2s_ce, t2s_kd, s2t_kd = chunked_mean(per_token, (h_s, h_t, y), self.chunk)
-        kd = t2s_ce + t2s_kd + s2t_kd
-        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
-        return loss, {"ce": ce.item(), "kd": kd.item(), "t2s_ce": t2s_ce.item(), "t2s_kd": t2s_kd.item(), "s2t_kd": s2t_kd.item()}
+        ce, t2s_ce, s2t_kd, *t2s_kd = chunked_mean(per_token, (h_s, h_t, y), self.chunk)
+        return dual_space_loss(self.terms, ce, t2s_ce, self.terms.kd(torch.stack(t2s_kd)), s2t_kd)
+
+
+def dual_space_loss(terms: LossTerms, ce, t2s_ce, t2s_kd, s2t_kd, **more):
+    """(loss, logs): w_ce * CE + kd_weight * (CE_t2s + KD_t2s + KD_s2t)."""
+    kd = t2s_ce + t2s_kd + s2t_kd
+    logs = {"ce": ce, "kd": kd, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, **more}
+    return terms.total(ce, kd), {k: v.item() for k, v in logs.items()}
 
 
 def _answer_token_embeddings(model: nn.Module, batch, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +111,13 @@ class DSKDCrossModelAttention(FrozenTeacher):
     teacher -> student direction, s2t(student state) for the reverse (transposed attention).
     """
 
-    def __init__(self, teacher, student, divergence: Divergence, kd_rate: float, chunk: int | None):
+    def __init__(self, teacher, student, terms: LossTerms, temperature: float, chunk: int | None):
         super().__init__(teacher)
         d_t, d_s = hidden_size(teacher), hidden_size(student)
         self.query = Projector(2 * d_s, 2 * d_t)
         self.t2s, self.s2t = Projector(d_t, d_s), Projector(d_s, d_t)
-        self.divergence, self.kd_rate, self.chunk = divergence, kd_rate, chunk
-        self.teacher_kl = ForwardKL(divergence.temperature)
+        self.terms, self.chunk = terms, chunk
+        self.teacher_kl = ForwardKL(temperature)
 
     def align(self, student, batch):
         """Attention weights [B, A_s, A_t] between answer positions, plus the packed states."""
@@ -138,11 +144,10 @@ class DSKDCrossModelAttention(FrozenTeacher):
             logits_s = project_to_vocab(student, hs)
             t2s = student_space_logits(student, t2s_h)
             correct = (t2s.argmax(-1) == yy).float()
-            return torch.stack([
-                F.cross_entropy(logits_s, yy, reduction="none"),
-                F.cross_entropy(t2s, yy, reduction="none"),
-                self.divergence(logits_s, t2s.detach()) * correct,
-                correct,
+            return torch.cat([
+                torch.stack([F.cross_entropy(logits_s, yy, reduction="none"), F.cross_entropy(t2s, yy, reduction="none"),
+                             correct], dim=-1),
+                self.terms.per_token(logits_s, t2s.detach()) * correct[:, None],
             ], dim=-1)
 
         def teacher_side(s2t_h, ht):
@@ -150,9 +155,6 @@ class DSKDCrossModelAttention(FrozenTeacher):
                 logits_t = project_to_vocab(self.teacher, ht)
             return self.teacher_kl(project_to_vocab(self.teacher, s2t_h), logits_t)
 
-        ce, t2s_ce, t2s_kd, t2s_acc = chunked_mean(student_side, (h_s[valid_s], t2s_hidden[valid_s], y), self.chunk)
+        ce, t2s_ce, t2s_acc, *t2s_kd = chunked_mean(student_side, (h_s[valid_s], t2s_hidden[valid_s], y), self.chunk)
         s2t_kd = chunked_mean(teacher_side, (s2t_hidden[valid_t], h_t[valid_t]), self.chunk)
-        kd = t2s_ce + t2s_kd + s2t_kd
-        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
-        return loss, {"ce": ce.item(), "kd": kd.item(), "t2s_ce": t2s_ce.item(), "t2s_kd": t2s_kd.item(),
-                      "s2t_kd": s2t_kd.item(), "t2s_acc": t2s_acc.item()}
+        return dual_space_loss(self.terms, ce, t2s_ce, self.terms.kd(torch.stack(t2s_kd)), s2t_kd, t2s_acc=t2s_acc)

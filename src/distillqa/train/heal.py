@@ -2,7 +2,7 @@
 
 A pruned model writes gibberish until the layers around the gap learn to work together
 again. Healing trains all of its weights to match the parent's next-token distribution
-(forward KL, `VanillaKD` with kd_rate 1) at every position of the corpus, prompt tokens
+(`VanillaKD` with one forward-KL term and no CE) at every position of the corpus, prompt tokens
 included, in the one training loop: resumable, checkpointed, logged (`log.jsonl` is the
 healing curve). The run directory records the kept layers, how they were chosen, and a
 zero-shot ROUGE-L on validation questions; its final model is the healed student.
@@ -29,7 +29,7 @@ from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.processes import processes
 from distillqa.train.kd import VanillaKD
 from distillqa.train.loop import train
-from distillqa.train.losses import DIVERGENCES
+from distillqa.train.losses import ForwardKL, LossTerms
 from distillqa.train.run_dir import RunDir, save_final
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def run_heal(cfg: DeriveConfig, resume: bool = False, corpus: list[Encoded] | No
             keep, how = select_layers(parent, cfg.layers, calibration)
             run.update(layers=keep, layer_choice=how, corpus_sequences=len(corpus), corpus_sha256=corpus_hash(corpus))
     student = prune_layers(copy.deepcopy(parent), run.info["layers"])
-    objective = VanillaKD(parent, DIVERGENCES["forward_kl"](), kd_rate=1.0, chunk=heal.chunk_size)
+    objective = VanillaKD(parent, LossTerms(0.0, [(1.0, ForwardKL())]), chunk=heal.chunk_size)
     train_cfg = TrainConfig(max_steps=heal.steps, batch_size=heal.batch_size, lr=heal.lr, schedule="cosine",
                             seed=heal.seed, checkpoint_every=heal.checkpoint_every, log_every=5)
     train(student, objective, corpus, train_cfg, run, partial(collate_right, pad_id=tok.pad_token_id))

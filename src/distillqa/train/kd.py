@@ -1,7 +1,8 @@
 """Logit distillation objectives: vanilla KD (same vocabulary; live, or from a teacher cache) and ULD (any two vocabularies).
 
-Both mix the student's own cross-entropy with a distillation term over answer tokens:
-loss = (1 - r) * CE + r * KD, r = `kd_rate`. The teacher is frozen: eval mode, no gradients.
+Both mix the student's own cross-entropy with distillation terms over answer tokens as their
+`LossTerms` weigh them (w_ce * CE + sum_i w_i * D_i; with the shorthand keys (1 - r) * CE + r * KD).
+The teacher is frozen: eval mode, no gradients.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 
 from distillqa.data.prompts import IGNORE
 from distillqa.errors import DistillQAError
-from distillqa.train.losses import Divergence, chunked_mean
+from distillqa.train.losses import LossTerms, chunked_mean
 from distillqa.train.losses.fused import FusedLinearKD
 from distillqa.train.objectives import answer_states, causal_lm_parts, linear_head, project_to_vocab
 
@@ -31,17 +32,17 @@ class FrozenTeacher(nn.Module):
 
 
 class VanillaKD(FrozenTeacher):
-    """KD = mean over answer tokens of D(p_teacher || q_student), both tokenised identically.
+    """KD terms D_i(p_teacher || q_student) averaged over answer tokens, both models tokenised identically.
 
-    loss = (1 - r) * CE(student) + r * KD, `chunk` answer tokens at a time. A student whose head is a
+    loss = w_ce * CE(student) + sum_i w_i * D_i (`terms`), `chunk` answer tokens at a time. A student whose head is a
     plain linear layer (`linear_head`) takes the fused step (`losses/fused.py`: each chunk's logits once,
     gradients in closed form); one with an adapter or bias on its head, autograd through checkpointed
     chunks (`chunked_mean`). Both give the same loss and gradients.
     """
 
-    def __init__(self, teacher: nn.Module, divergence: Divergence, kd_rate: float, chunk: int | None):
+    def __init__(self, teacher: nn.Module, terms: LossTerms, chunk: int | None):
         super().__init__(teacher)
-        self.divergence, self.kd_rate, self.chunk = divergence, kd_rate, chunk
+        self.terms, self.chunk = terms, chunk
 
     def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]):
         hidden_s, targets = answer_states(student, batch)
@@ -52,8 +53,8 @@ class VanillaKD(FrozenTeacher):
             def teacher_logits(rows: slice) -> torch.Tensor:
                 return project_to_vocab(self.teacher, hidden_t[rows])
 
-            loss, ce, kd = FusedLinearKD.apply(hidden_s, *head, targets, teacher_logits, self.divergence, self.kd_rate, self.chunk)
-            return loss, {"ce": ce.item(), "kd": kd.item()}
+            loss, ce, kd = FusedLinearKD.apply(hidden_s, *head, targets, teacher_logits, self.terms, self.chunk)
+            return loss, self.terms.logs(ce, kd)
 
         def per_token(h_s, h_t, y):
             logits_s = project_to_vocab(student, h_s)
@@ -61,49 +62,43 @@ class VanillaKD(FrozenTeacher):
                 logits_t = project_to_vocab(self.teacher, h_t)
             v = min(logits_s.shape[-1], logits_t.shape[-1])  # embedding rows past the tokenizer are padding
             ce = F.cross_entropy(logits_s, y, reduction="none")
-            return torch.stack([ce, self.divergence(logits_s[:, :v], logits_t[:, :v])], dim=-1)
+            return torch.cat([ce[:, None], self.terms.per_token(logits_s[:, :v], logits_t[:, :v])], dim=-1)
 
-        ce, kd = chunked_mean(per_token, (hidden_s, hidden_t, targets), self.chunk)
-        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
-        return loss, {"ce": ce.item(), "kd": kd.item()}
+        ce, *kd = chunked_mean(per_token, (hidden_s, hidden_t, targets), self.chunk)
+        return mixed(self.terms, ce, torch.stack(kd))
+
+
+def mixed(terms: LossTerms, ce: torch.Tensor, kd: torch.Tensor):
+    """(loss, logs) from the averaged CE and divergences [k]."""
+    return terms.total(ce, terms.kd(kd)), terms.logs(ce, kd)
 
 
 class CachedKD(nn.Module):
-    """Vanilla KD from a teacher cache, with no teacher loaded: KD = mean over answer tokens of a sparse
-    term (`TopKTail` or `SampledKL`) between the cached teacher target and the student.
+    """Vanilla KD from a teacher cache, with no teacher loaded: each of `terms`' divergences is computed
+    against the cached teacher target by its sparse form (`sparse[i]`: `TopKTail` or `SampledKL`) and
+    averaged over answer tokens, then weighed as `terms` says.
 
-    loss = (1 - r) * CE(student) + r * KD. The batch carries the targets as `cache_<key>` tensors,
-    one row per answer token in `answer_states` order (`teacher_cache.collate_cached`).
+    The batch carries the targets as `cache_<key>` tensors, one row per answer token in `answer_states`
+    order (`teacher_cache.collate_cached`).
     """
 
-    def __init__(self, sparse: nn.Module, kd_rate: float, chunk: int | None):
+    def __init__(self, terms: LossTerms, sparse: list[nn.Module], chunk: int | None):
         super().__init__()
-        self.sparse, self.kd_rate, self.chunk = sparse, kd_rate, chunk
+        self.terms, self.sparse, self.chunk = terms, nn.ModuleList(sparse), chunk
 
     def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]):
         hidden, targets = answer_states(student, batch)
-        cached = tuple(batch[f"cache_{k}"] for k in self.sparse.keys)
+        cached = tuple(batch[f"cache_{k}"] for k in self.sparse[0].keys)
         if cached[0].shape[0] != hidden.shape[0]:
             raise DistillQAError(f"the teacher cache holds {cached[0].shape[0]} answer tokens for this batch, the batch "
                                  f"has {hidden.shape[0]}: it was built for other examples")
 
         def per_token(h, y, *target):
             logits = project_to_vocab(student, h)
-            return torch.stack([F.cross_entropy(logits, y, reduction="none"), self.sparse(logits, *target)], dim=-1)
+            return torch.stack([F.cross_entropy(logits, y, reduction="none"), *(s(logits, *target) for s in self.sparse)], dim=-1)
 
-        ce, kd = chunked_mean(per_token, (hidden, targets, *cached), self.chunk)
-        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
-        return loss, {"ce": ce.item(), "kd": kd.item()}
-
-
-def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """ULD (Boizard et al. 2024): sum_k |p_(k) - q_(k)| over probabilities sorted in decreasing
-    order, the smaller vocabulary padded with zeros. Needs no token correspondence."""
-    q = torch.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
-    p = torch.softmax(teacher_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
-    width = max(p.shape[-1], q.shape[-1])
-    q, p = F.pad(q, (0, width - q.shape[-1])), F.pad(p, (0, width - p.shape[-1]))
-    return (p - q).abs().sum(-1)
+        ce, *kd = chunked_mean(per_token, (hidden, targets, *cached), self.chunk)
+        return mixed(self.terms, ce, torch.stack(kd))
 
 
 def aligned_answer_states(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = ""):
@@ -125,15 +120,16 @@ def pack_rows(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 class ULD(FrozenTeacher):
-    """ULD: the i-th answer token of the student is paired with the i-th answer token of the
-    teacher (each tokenised by its own tokenizer), up to the shorter of the two answers.
+    """ULD (Boizard et al. 2024): the i-th answer token of the student is paired with the i-th answer token
+    of the teacher (each tokenised by its own tokenizer), up to the shorter of the two answers.
 
-    loss = (1 - r) * CE(student, all answer tokens) + r * mean over pairs of ULD distance.
+    loss = w_ce * CE(student, all answer tokens) + sum_i w_i * mean over pairs of D_i, with `terms`'
+    divergences vocabulary-free (the ULD distance, `losses/uld.py`: no token correspondence needed).
     """
 
-    def __init__(self, teacher: nn.Module, kd_rate: float, temperature: float, chunk: int | None):
+    def __init__(self, teacher: nn.Module, terms: LossTerms, chunk: int | None):
         super().__init__(teacher)
-        self.kd_rate, self.temperature, self.chunk = kd_rate, temperature, chunk
+        self.terms, self.chunk = terms, chunk
 
     def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]):
         h_s, valid_s, _ = aligned_answer_states(student, batch)
@@ -148,8 +144,7 @@ class ULD(FrozenTeacher):
         def per_token(hs, ht):
             with torch.no_grad():
                 logits_t = project_to_vocab(self.teacher, ht)
-            return uld_distance(project_to_vocab(student, hs), logits_t, self.temperature)
+            return self.terms.per_token(project_to_vocab(student, hs), logits_t)
 
         kd = chunked_mean(per_token, (h_s[:, :width][pair], h_t[:, :width][pair]), self.chunk)
-        loss = (1 - self.kd_rate) * ce + self.kd_rate * kd
-        return loss, {"ce": ce.item(), "kd": kd.item()}
+        return mixed(self.terms, ce, kd)

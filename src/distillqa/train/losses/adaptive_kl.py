@@ -1,11 +1,11 @@
 import torch
 
-from distillqa.train.losses.base import Divergence, kl
+from distillqa.train.losses.base import Divergence, check_fraction, kl
 from distillqa.train.losses.forward_kl import forward_kl_and_grad
 from distillqa.train.losses.reverse_kl import reverse_kl_and_grad
 
 
-class AdaptiveKL(Divergence):
+class AdaptiveKL(Divergence, name="adaptive_kl"):
     """Adaptive KL (Wu et al. 2024): AKL = g_head * KL(p || q) + g_tail * KL(q || p).
 
     Sort the vocabulary by teacher probability; the head is the smallest prefix whose
@@ -18,7 +18,7 @@ class AdaptiveKL(Divergence):
 
     def __init__(self, temperature: float = 1.0, head_mass: float = 0.5):
         super().__init__(temperature)
-        self.head_mass = head_mass
+        self.head_mass = check_fraction("head_mass", head_mass)
 
     @torch.no_grad()
     def head_weight(self, student_logp, teacher_logp):

@@ -1,8 +1,9 @@
-"""The shared shape of a divergence, and chunked averaging over tokens."""
+"""The shared shape of a divergence, its registry, and chunked averaging over tokens."""
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -15,10 +16,29 @@ class Divergence(nn.Module):
     Subclasses implement `per_token(student_logp, teacher_logp) -> [N]` on log-probabilities
     (float32 or float64), summing over the vocabulary, and where it is simple override
     `value_and_grad` with the closed-form gradient that the fused KD step (`fused.py`) uses.
+
+    A subclass declared with a name (`class ForwardKL(Divergence, name="forward_kl")`) registers itself
+    in `DIVERGENCES` under it, with its constructor's keyword arguments as its parameters: so a new
+    divergence is one file in this package, and `kd.divergence` / `kd.losses` accept it at once.
+    `vocabulary_free` divergences compare distributions without a token correspondence (ULD), so
+    they also work between two vocabularies.
     """
+
+    name: ClassVar[str]
+    vocabulary_free: ClassVar[bool] = False
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            if name in DIVERGENCES or name == "ce":
+                raise TypeError(f"divergence name '{name}' is taken")
+            cls.name = name
+            DIVERGENCES[name] = cls
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
     def per_token(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
@@ -43,6 +63,22 @@ class Divergence(nn.Module):
             value = self.per_token(torch.log_softmax(z, dim=-1), teacher_logp)
             (grad,) = torch.autograd.grad(value.sum(), z)
         return value.detach(), grad
+
+
+DIVERGENCES: dict[str, type[Divergence]] = {}
+
+
+def parameters(name: str) -> dict[str, Any]:
+    """The parameters of a registered divergence and their defaults, e.g. {'temperature': 1.0, 'skew': 0.1}."""
+    signature = inspect.signature(DIVERGENCES[name].__init__)
+    return {p.name: p.default for p in list(signature.parameters.values())[1:]
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be strictly between 0 and 1, got {value}")
+    return value
 
 
 def softmax_backward(logp: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:

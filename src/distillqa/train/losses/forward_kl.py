@@ -12,7 +12,7 @@ def forward_kl_and_grad(student_logp, teacher_logp):
     return torch.linalg.vecdot(p, teacher_logp - student_logp), student_logp.exp() - p
 
 
-class ForwardKL(Divergence):
+class ForwardKL(Divergence, name="forward_kl"):
     """Forward KL: D(p || q) = sum_v p_v (log p_v - log q_v). Mean-seeking: the student covers the teacher's mass.
 
     dD/dz = q - p.

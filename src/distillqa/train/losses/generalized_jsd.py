@@ -1,7 +1,7 @@
-from distillqa.train.losses.base import Divergence, kl, log_mix
+from distillqa.train.losses.base import Divergence, check_fraction, kl, log_mix
 
 
-class GeneralizedJSD(Divergence):
+class GeneralizedJSD(Divergence, name="generalized_jsd"):
     """Generalized JSD (GKD, Agarwal et al. 2024): JSD_b(p || q) = b KL(p || m) + (1 - b) KL(q || m),
     m = b p + (1 - b) q, with 0 < b < 1 (`beta`, 0.5 by default: the ordinary JS divergence).
 
@@ -11,9 +11,7 @@ class GeneralizedJSD(Divergence):
 
     def __init__(self, temperature: float = 1.0, beta: float = 0.5):
         super().__init__(temperature)
-        if not 0 < beta < 1:
-            raise ValueError("generalized_jsd beta must be strictly between 0 and 1 (use forward_kl or reverse_kl for the limits)")
-        self.beta = beta
+        self.beta = check_fraction("beta", beta)  # the limits are forward_kl and reverse_kl
 
     def per_token(self, student_logp, teacher_logp):
         m = log_mix(teacher_logp, student_logp, self.beta)

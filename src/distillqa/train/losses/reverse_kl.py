@@ -7,7 +7,7 @@ def reverse_kl_and_grad(student_logp, teacher_logp):
     return value, student_logp.exp() * (student_logp - teacher_logp - value[:, None])
 
 
-class ReverseKL(Divergence):
+class ReverseKL(Divergence, name="reverse_kl"):
     """Reverse KL: D(q || p) = sum_v q_v (log q_v - log p_v). Mode-seeking: the student concentrates on the teacher's modes.
 
     dD/dz = q * (log q - log p - D).

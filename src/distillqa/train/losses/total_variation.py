@@ -1,7 +1,7 @@
 from distillqa.train.losses.base import Divergence, softmax_backward
 
 
-class TotalVariation(Divergence):
+class TotalVariation(Divergence, name="tvd"):
     """Total variation distance: TVD(p, q) = 1/2 sum_v |p_v - q_v|, in [0, 1], symmetric.
 
     dD/dz = softmax_backward of G = 1/2 q * sign(q - p) (sign(0) = 0, autograd's choice for |x| at 0).
