@@ -311,7 +311,7 @@ class KDConfig(Section):
         names = [t.name for t in self.losses]
         if names.count("ce") > 1 or names.count("ce") == len(names):
             raise ValueError("losses: list at most one `ce` and at least one divergence")
-        if self.kd_rate != 0.5 or self.divergence != "forward_kl":
+        if any(getattr(self, k) != type(self).model_fields[k].default for k in ("kd_rate", "divergence")):
             raise ValueError("losses: kd_rate and divergence are its shorthand; set the weights and divergences in "
                              "losses only")
         if self.algorithm == "uld":

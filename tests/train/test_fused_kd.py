@@ -135,3 +135,9 @@ def test_a_batch_without_answer_tokens_gives_zero_loss_and_zero_gradients():
     batch["labels"] = torch.full_like(batch["labels"], -100)
     loss, grads = loss_and_grads(student, lambda: VanillaKD(teacher, terms("forward_kl"), 2)(student, batch)[0])
     assert loss.item() == 0 and all(g.abs().max() == 0 for g in grads.values())
+
+
+def test_kd_rate_zero_is_cross_entropy_alone_with_the_divergence_logged():
+    student, teacher, batch = tiny_llama(0, tied=True), tiny_llama(1, tied=True), batch_with_prompts_and_padding()
+    loss, logs = VanillaKD(teacher, make_loss_terms(KDConfig(kd_rate=0.0)), 2)(student, batch)
+    assert loss.item() == pytest.approx(logs["ce"]) and logs["kd"] > 0

@@ -65,12 +65,7 @@ class VanillaKD(FrozenTeacher):
             return torch.cat([ce[:, None], self.terms.per_token(logits_s[:, :v], logits_t[:, :v])], dim=-1)
 
         ce, *kd = chunked_mean(per_token, (hidden_s, hidden_t, targets), self.chunk)
-        return mixed(self.terms, ce, torch.stack(kd))
-
-
-def mixed(terms: LossTerms, ce: torch.Tensor, kd: torch.Tensor):
-    """(loss, logs) from the averaged CE and divergences [k]."""
-    return terms.total(ce, terms.kd(kd)), terms.logs(ce, kd)
+        return self.terms.combine(ce, torch.stack(kd))
 
 
 class CachedKD(nn.Module):
@@ -98,7 +93,7 @@ class CachedKD(nn.Module):
             return torch.stack([F.cross_entropy(logits, y, reduction="none"), *(s(logits, *target) for s in self.sparse)], dim=-1)
 
         ce, *kd = chunked_mean(per_token, (hidden, targets, *cached), self.chunk)
-        return mixed(self.terms, ce, torch.stack(kd))
+        return self.terms.combine(ce, torch.stack(kd))
 
 
 def aligned_answer_states(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = ""):
@@ -147,4 +142,4 @@ class ULD(FrozenTeacher):
             return self.terms.per_token(project_to_vocab(student, hs), logits_t)
 
         kd = chunked_mean(per_token, (h_s[:, :width][pair], h_t[:, :width][pair]), self.chunk)
-        return mixed(self.terms, ce, kd)
+        return self.terms.combine(ce, kd)

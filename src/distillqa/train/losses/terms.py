@@ -21,8 +21,8 @@ class LossTerms(nn.Module):
 
     def __init__(self, ce_weight: float, divergences: list[tuple[float, Divergence]]):
         super().__init__()
-        if not divergences or sum(w for w, _ in divergences) <= 0:
-            raise ValueError("a KD loss needs at least one divergence with a positive weight")
+        if not divergences:
+            raise ValueError("a KD loss needs at least one divergence")
         self.ce_weight = ce_weight
         self.weights = [w for w, _ in divergences]
         self.divergences = nn.ModuleList(d for _, d in divergences)
@@ -36,11 +36,17 @@ class LossTerms(nn.Module):
         return torch.stack([d(student_logits, teacher_logits) for d in self.divergences], dim=-1)
 
     def kd(self, values: torch.Tensor) -> torch.Tensor:
-        """The weighted mean of the divergences' averages `values` [k]."""
+        """The weighted mean of the divergences' averages `values` [k] (all weights 0, as at kd_rate 0: the plain mean)."""
+        if self.kd_weight == 0:
+            return values.mean()
         return (torch.tensor(self.weights, dtype=values.dtype, device=values.device) * values).sum() / self.kd_weight
 
     def total(self, ce: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
         return self.ce_weight * ce + self.kd_weight * kd
+
+    def combine(self, ce: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, logs) from the averaged CE and divergences `values` [k]."""
+        return self.total(ce, self.kd(values)), self.logs(ce, values)
 
     def logs(self, ce: torch.Tensor, values: torch.Tensor) -> dict[str, float]:
         """ce, kd and, with several divergences, each one's value as `kd_<name>` (`kd_<name>_<i>` for a repeated name)."""
