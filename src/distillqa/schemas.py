@@ -37,7 +37,7 @@ def describe_config(schema: type[BaseModel]) -> str:
                 walk(value, indent + "  ")
                 continue
             dumped = yaml.safe_dump({name: model.model_dump(mode="json")[name]},
-                                    default_flow_style=True, width=1000).strip().strip("{}")
+                                    default_flow_style=True, width=1000).strip()[1:-1]  # the braces of {name: value}
             comment = f"  # {field.description}" if field.description else ""
             lines.append(f"{indent}{dumped}{comment}")
             if value is None and (section := optional_section(field.annotation)):  # its keys, commented out

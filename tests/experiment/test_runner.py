@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -198,3 +199,56 @@ def test_report_embeds_both_plots_and_names_the_method(finished):
     section = md.split("## Answers side by side")[1].split("\n## ")[0]
     assert all(f"Q: {ex.question}  Reference: {ex.answers[0]}" in section for ex in test[:4])
     assert section.count("| SFT only: S=base |") == 4
+
+
+def kill_when_started(log: Path, killed: list[int]) -> None:
+    """SIGKILL the process running a stage as soon as it has written its log's first line (its pid): a lost worker."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if found := re.match(r"\[distillqa\] pid (\d+) on .*\n", log.read_text() if log.is_file() else ""):
+            os.kill(int(found[1]), signal.SIGKILL)
+            killed.append(int(found[1]))
+            return
+        time.sleep(0.02)
+
+
+def run_on_workers_losing_one(cfg: ExperimentConfig, dispatch: dict, cell: str) -> Path:
+    """Run `cfg` with `dispatch`, killing the worker of distillation cell `cell` as it starts; returns the directory."""
+    import threading
+
+    cfg = cfg.model_copy(update={"dispatch": type(cfg.dispatch).model_validate(dispatch)})
+    exp = Path(cfg.output_dir)
+    log = exp / "logs" / f"distill_cells_{cell}.log"
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_when_started, args=(log, killed), daemon=True)
+    killer.start()
+    messages: list[str] = []
+    run_experiment(cfg, echo=messages.append)
+    killer.join()
+    assert killed, "the cell's worker was not killed"
+    assert sum(f"distill cells/{cell}" in m for m in messages) == 1  # submitted once: the retry is the backend's
+    assert log.read_text().count("[distillqa] pid ") == 2  # and it ran twice
+    return exp
+
+
+def test_grid_on_ray_with_a_worker_lost_ends_as_the_sequential_run(grid_cfg, finished, tmp_path):
+    """A local 2-CPU Ray cluster runs the stages at once, each when what it needs is done; the worker of a
+    distillation cell is killed, Ray starts the stage again, and every prediction, score and hypothesis
+    equals the sequential run's."""
+    reference, _ = finished
+    exp = run_on_workers_losing_one(grid_cfg(tmp_path / "exp"), {"backend": "ray"}, "kd-vanilla_teacher-plain-sft_student-base")
+    assert outputs(exp) == outputs(reference)
+
+
+def test_grid_on_submitit_with_a_job_lost_ends_as_the_sequential_run(grid_cfg, tmp_path):
+    """The same through submitit, with its local executor standing in for SLURM (each stage a process of its
+    own, so a smaller grid): the lost job is submitted again."""
+    def small(out: Path) -> ExperimentConfig:
+        cfg = grid_cfg(out)
+        return cfg.model_copy(update={"grid": cfg.grid.model_copy(update={
+            "teachers": cfg.grid.teachers[:1], "teacher_states": ["sft"], "student_states": ["base"]})})
+
+    reference = run_experiment(small(tmp_path / "sequential"), echo=lambda msg: None)
+    dispatch = {"backend": "slurm", "max_concurrent": 2, "slurm": {"cluster": "local", "timeout_min": 10}}
+    exp = run_on_workers_losing_one(small(tmp_path / "exp"), dispatch, "kd-vanilla_teacher-plain-sft_student-base")
+    assert len(outputs(exp)) == 2 * 5 + 1 and outputs(exp) == outputs(reference)

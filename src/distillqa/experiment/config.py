@@ -3,6 +3,7 @@ shared sections of `distillqa.config`."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -65,6 +66,47 @@ class StatsConfig(Section):
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (on adjusted p-values).")
     algorithm_pairs: list[tuple[Algorithm, Algorithm]] = Field(
         [("dskd", "vanilla"), ("dskd-cma", "uld")], description="Algorithm comparisons, each its own hypothesis (A vs B).")
+
+
+class SlurmConfig(Section):
+    cluster: Literal["slurm", "local"] = Field("slurm", description="submitit's cluster: slurm (sbatch), or local "
+                                               "(each stage a process on this machine, to try a configuration).")
+    partition: str | None = Field(None, description="SLURM partition (sbatch --partition); unset: the cluster's default.")
+    timeout_min: int = Field(240, gt=0, description="Time limit of each stage's job in minutes; a stage cut off is "
+                             "submitted again (`dispatch.retries`) and resumes where it stopped.")
+    cpus_per_task: int = Field(8, gt=0, description="CPUs of each stage's job.")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs of each stage's job.")
+    mem_gb: int = Field(64, gt=0, description="Memory of each stage's job, GB.")
+    additional: dict[str, str] = Field({}, description="Further sbatch options, e.g. `{account: myproject, qos: high}`.")
+
+
+class DispatchConfig(Section):
+    """Where the stages run. Results do not depend on it, so it may change between runs of an experiment."""
+
+    backend: Literal["local", "ray", "slurm"] = Field(
+        "local", description="local: one stage after another in this process; ray: concurrently on a Ray cluster; "
+        "slurm: each stage a SLURM job (through submitit). A stage starts once the stages it needs are done. Every "
+        "worker must see the experiment directory and $DISTILLQA_CACHE at the same paths as this machine.")
+    max_concurrent: int | None = Field(None, gt=0, description="At most this many stages at once (default: every stage "
+                                       "that is ready; Ray also fits them to the resources each asks for).")
+    retries: int = Field(2, ge=0, description="A stage whose worker is lost (killed, preempted, out of time) is started "
+                         "again up to this many times and resumes from what it had finished; a stage that fails with "
+                         "an error stops the experiment.")
+    ray_address: str | None = Field(None, description="Ray cluster to join ('auto': the one started on this machine "
+                                    "with `ray start`; 'ray://HOST:10001'); unset: a local one on this machine's CPUs.")
+    cpus_per_stage: float = Field(1, gt=0, description="Ray: CPUs each stage reserves (its torch threads too).")
+    gpus_per_stage: float | None = Field(None, ge=0, description="Ray: GPUs each stage reserves (unset: 1 when the "
+                                         "cluster has GPUs, else 0).")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="The jobs of backend slurm.")
+
+    @field_validator("backend")
+    @classmethod
+    def _installed(cls, v):
+        package = {"ray": "ray", "slurm": "submitit"}.get(v)
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"backend {v} needs {package}, which is not installed: pip install -e '.[scale]' "
+                             f"(or pip install {package})")
+        return v
 
 
 EXPERIMENT_PRESETS: dict[str, dict] = {
@@ -152,6 +194,7 @@ class ExperimentConfig(Section):
         [], description="Extra test files, each answered by every row and given its own rows and hypothesis tables, e.g. "
         "`[{name: cqa, data: {source: dev.jsonl}, mcq: {method: loglikelihood}, metrics: 'acc,acc_norm'}]`. "
         "Sets may be added to an experiment that has run; a set's definition may not change.")
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     output_dir: str = Field("runs/experiment", description="Experiment directory (all stages, results and report).")
 
     @model_validator(mode="before")

@@ -46,7 +46,7 @@ def held_out_added(old: list[dict], new: list[dict]) -> bool:
     return all(by_name.get(h["name"]) == h for h in old)
 
 
-MAY_GROW = {"held_out": held_out_added}  # for `check_config`: what may change in a rerun besides `stats.*`
+MAY_GROW = {"held_out": held_out_added}  # for `check_config`: what may change in a rerun besides `stats.*`, `dispatch.*`
 
 
 def vocabularies(cfg: ExperimentConfig) -> dict[str, bool]:
@@ -59,8 +59,10 @@ def vocabularies(cfg: ExperimentConfig) -> dict[str, bool]:
 
 
 class Stage:
-    def __init__(self, label: str, done: Callable[[], bool], run: Callable[[], object]):
-        self.label, self.done, self.run = label, done, run
+    """One unit of work: `run` it unless `done`; it may start once every stage of `needs` is done."""
+
+    def __init__(self, label: str, done: Callable[[], bool], run: Callable[[], object], needs: tuple[Stage, ...] = ()):
+        self.label, self.done, self.run, self.needs = label, done, run, needs
 
 
 def teacher_model(exp: Path, teacher: str, state: str) -> str:
@@ -118,6 +120,7 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
     student = cfg.grid.student
     sft_stages = []
     student_base = student.name
+    student_needs: tuple[Stage, ...] = ()  # what the student base needs (its healing)
     if (healed := healing(cfg)) is not None:
         derive, corpus, path = healed
         student_base = str(path)
@@ -128,73 +131,94 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
 
         sft_stages.append(Stage(f"heal {student.name} ({cfg.grid.heal.steps} steps, cached in {path})",
                                 lambda: RunDir(path).finished, heal))
+        student_needs = (sft_stages[-1],)
 
-    def training(kind: str, run_cfg, runner) -> Stage:
+    def training(kind: str, run_cfg, runner, needs: tuple[Stage, ...]) -> Stage:
         path = Path(run_cfg.output_dir)
         return Stage(f"{kind} {path.relative_to(exp)}", lambda: RunDir(path).finished,
-                     lambda: runner(run_cfg, resume=(path / "run.json").is_file()))
+                     lambda: runner(run_cfg, resume=(path / "run.json").is_file()), needs)
+
+    def sft(model: ModelConfig, stage_cfg, output_dir: str, needs: tuple[Stage, ...]) -> Stage:
+        sft_stages.append(training("sft", SFTConfig(model=model, lora=stage_cfg.lora, train=stage_cfg.train,
+                                                    output_dir=output_dir, **shared), run_sft, needs))
+        return sft_stages[-1]
 
     def student_cfg(state: str) -> ModelConfig:
         return student.model_copy(update={"name": student_model(student_base, exp, state)})
 
+    teacher_sft: dict[str, Stage] = {}
     if "sft" in cfg.grid.teacher_states:
         for t in cfg.grid.teachers:
-            sft_stages.append(training("sft", SFTConfig(model=ModelConfig(name=t.name), lora=cfg.sft.lora, train=cfg.sft.train,
-                                                        output_dir=str(exp / teacher_sft_dir(t.name)), **shared), run_sft))
+            teacher_sft[t.name] = sft(ModelConfig(name=t.name), cfg.sft, str(exp / teacher_sft_dir(t.name)), ())
+    student_ready = {"base": student_needs}  # student state -> the stages its model needs
     if "sft" in cfg.grid.student_states:
-        sft_stages.append(training("sft", SFTConfig(model=student_cfg("base"), lora=cfg.sft.lora, train=cfg.sft.train,
-                                                    output_dir=str(exp / STUDENT_SFT_DIR), **shared), run_sft))
+        student_ready["sft"] = (sft(student_cfg("base"), cfg.sft, str(exp / STUDENT_SFT_DIR), student_needs),)
+
+    def teacher_ready(teacher: str, state: str) -> tuple[Stage, ...]:
+        return (teacher_sft[teacher],) if state == "sft" else ()
+
     # The SFT-only baselines train with the distillation stage's budget: what KD is compared with.
+    made_by: dict[str, tuple[Stage, ...]] = {}  # row name -> the stages its model needs
     for row in rows:
+        f = row.factors
         if row.kind == "sft-only":
-            sft_stages.append(training("sft", SFTConfig(
-                model=student_cfg(row.factors["student_state"]), lora=cfg.distill.lora, train=cfg.distill.train,
-                output_dir=row_model(student_base, exp, row), **shared), run_sft))
+            made_by[row.name] = (sft(student_cfg(f["student_state"]), cfg.distill, row_model(student_base, exp, row),
+                                     student_ready[f["student_state"]]),)
+        elif row.kind == "teacher":
+            made_by[row.name] = teacher_ready(f["teacher"], f["teacher_state"])
+        elif row.kind == "student":
+            made_by[row.name] = student_ready[f["student_state"]]
 
     # grid.teacher_cache: each teacher state of a vanilla cell is run once, into a cache every such cell reads.
-    caches: dict[tuple[str, str], Path] = {}
+    caches: dict[tuple[str, str], tuple[Path, Stage]] = {}
     for row in rows:
         f = row.factors
         if cfg.grid.teacher_cache and row.kind == "cell" and f["algorithm"] == "vanilla":
             key = (f["teacher"], f["teacher_state"])
             if key not in caches:
-                caches[key] = path = exp / teacher_cache_dir(*key)
+                path = exp / teacher_cache_dir(*key)
                 cache_cfg = TeacherCacheConfig(teacher=ModelConfig(name=teacher_model(exp, *key)), cache=cfg.distill.cache,
                                                output_dir=str(path), **shared)
-                sft_stages.append(Stage(f"teacher cache {path.relative_to(exp)}", (path / "manifest.json").is_file,
-                                        partial(run_teacher_cache, cache_cfg)))
+                caches[key] = path, Stage(f"teacher cache {path.relative_to(exp)}", (path / "manifest.json").is_file,
+                                          partial(run_teacher_cache, cache_cfg), teacher_ready(*key))
+                sft_stages.append(caches[key][1])
 
     settings = EvalSettings(cfg.evaluate.embedding_model, cfg.evaluate.bertscore_layers, cfg.evaluate.batch_size)
     plan = [("sft", sft_stages)]
 
-    def answer_and_score(label: str, gen: GenerateConfig, evaluate) -> list[Stage]:
+    def answer_and_score(label: str, gen: GenerateConfig, evaluate, needs: tuple[Stage, ...]) -> list[Stage]:
         out, metrics = Path(gen.output_dir), resolve_metrics(evaluate.metrics)
         endpoint = f" through {gen.generation.endpoint.url} as {gen.model.name}" if gen.generation.endpoint else ""
-        return [Stage(f"generate {label}{endpoint}", (out / "predictions.jsonl").is_file, lambda: run_generate(gen)),
-                Stage(f"evaluate {label}", lambda: is_scored(out, metrics, evaluate),
-                      lambda: evaluate_predictions(out, evaluate, settings=settings))]
+        generate = Stage(f"generate {label}{endpoint}", (out / "predictions.jsonl").is_file, lambda: run_generate(gen), needs)
+        return [generate, Stage(f"evaluate {label}", lambda: is_scored(out, metrics, evaluate),
+                                lambda: evaluate_predictions(out, evaluate, settings=settings), (generate,))]
 
     for row in rows:
         stages = []
         if row.kind == "cell":
             f = row.factors
-            cache = caches.get((f["teacher"], f["teacher_state"])) if f["algorithm"] == "vanilla" else None
+            cached = caches.get((f["teacher"], f["teacher_state"])) if f["algorithm"] == "vanilla" else None
+            cache, cache_needs = (cached[0], (cached[1],)) if cached else (None, ())
+            needs = teacher_ready(f["teacher"], f["teacher_state"]) + student_ready[f["student_state"]] + cache_needs
             stages.append(training("distill", DistillConfig(
                 teacher=ModelConfig(name=teacher_model(exp, f["teacher"], f["teacher_state"])),
                 student=student_cfg(f["student_state"]), lora=cfg.distill.lora,
                 train=cfg.distill.train, kd=cfg.distill.kd.model_copy(update=cell_kd(exp, f, cache, cfg.distill.kd.lmbda)),
-                output_dir=str(exp / "cells" / row.name), **shared), run_distill))
+                output_dir=str(exp / "cells" / row.name), **shared), run_distill, needs))
+            made_by[row.name] = (stages[-1],)
         model = (student.model_copy(update={"name": row_model(student_base, exp, row)}) if row.kind != "teacher"
                  else ModelConfig(name=row_model(student_base, exp, row)))
         stages += answer_and_score(row.name, GenerateConfig(model=model, generation=cfg.generation, split="test",
-                                                            output_dir=str(exp / "rows" / row.name), **shared), cfg.evaluate)
+                                                            output_dir=str(exp / "rows" / row.name), **shared), cfg.evaluate,
+                                   made_by[row.name])
         for h in cfg.held_out:
             scored_here = h.mcq.method == "loglikelihood"  # nothing is generated: no endpoint
             generation = cfg.generation.model_copy(update={"endpoint": None}) if scored_here else cfg.generation
             gen = GenerateConfig(model=model, data=h.data, prompt=cfg.prompt, generation=generation, split=h.split,
                                  mcq=h.mcq, output_dir=str(exp / held_out_dir(h.name) / row.name))
             stages += answer_and_score(f"{row.name} on {h.name}", gen,
-                                       cfg.evaluate.model_copy(update={"metrics": h.metrics or cfg.evaluate.metrics}))
+                                       cfg.evaluate.model_copy(update={"metrics": h.metrics or cfg.evaluate.metrics}),
+                                       made_by[row.name])
         plan.append((row.name, stages))
     return plan
 
@@ -214,6 +238,20 @@ def cell_kd(exp: Path, f: dict, cache: Path | None, lmbda: float) -> dict:
     return update
 
 
+def run_in_order(plan: list[tuple[str, list[Stage]]], echo: Callable[[str], None]) -> None:
+    """Every unfinished stage in this process, in plan order (which satisfies every stage's needs)."""
+    total = sum(name != "sft" for name, _ in plan)
+    done_rows = sum(all(s.done() for s in stages) for name, stages in plan if name != "sft")
+    started = time.monotonic()
+    for row_name, stages in plan:
+        pending = [stage for stage in stages if not stage.done()]
+        for stage in pending:
+            minutes = (time.monotonic() - started) / 60
+            echo(f"[experiment] rows {done_rows}/{total} done, {minutes:.1f} min: {stage.label}")
+            stage.run()
+        done_rows += bool(pending) and row_name != "sft"
+
+
 def run_experiment(cfg: ExperimentConfig, echo: Callable[[str], None] | None = None) -> Path:
     """Run every unfinished stage, then write the report; returns the experiment directory."""
     from distillqa.experiment.report import write_report
@@ -223,21 +261,18 @@ def run_experiment(cfg: ExperimentConfig, echo: Callable[[str], None] | None = N
     rows = plan_rows(cfg, vocabularies(cfg))  # an invalid grid fails here, before the directory is claimed
     hypotheses = plan_hypotheses(cfg, rows)
     with experiment_lock(exp):
-        check_config(exp, cfg, may_grow=MAY_GROW)
+        check_config(exp, cfg, mutable=("stats.", "dispatch."), may_grow=MAY_GROW)
         write_json(exp / "plan.json", {"rows": [{"name": r.name, "kind": r.kind, "factors": r.factors} for r in rows],
                                        "hypotheses": [asdict(h) for h in hypotheses]})
         plan = plan_stages(cfg, exp, rows)
-        total = len(rows)
-        done_rows = sum(all(s.done() for s in stages) for name, stages in plan if name != "sft")
         started = time.monotonic()
-        for row_name, stages in plan:
-            pending = [stage for stage in stages if not stage.done()]
-            for stage in pending:
-                minutes = (time.monotonic() - started) / 60
-                echo(f"[experiment] rows {done_rows}/{total} done, {minutes:.1f} min: {stage.label}")
-                stage.run()
-            done_rows += bool(pending) and row_name != "sft"
-        echo(f"[experiment] rows {total}/{total} done in {(time.monotonic() - started) / 60:.1f} min; writing the report")
+        if cfg.dispatch.backend == "local":
+            run_in_order(plan, echo)
+        else:
+            from distillqa.experiment.dispatch import run_concurrently
+
+            run_concurrently([stage for _, stages in plan for stage in stages], cfg.dispatch, exp, echo)
+        echo(f"[experiment] rows {len(rows)}/{len(rows)} done in {(time.monotonic() - started) / 60:.1f} min; writing the report")
         report = write_report(exp)
     echo(f"[experiment] report: {report}")
     return exp
