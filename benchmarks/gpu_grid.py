@@ -29,12 +29,13 @@ def main() -> None:
     cfg = load_config(ExperimentConfig, None, [f"output_dir={a.out}", *a.overrides])
     marks: list[tuple[float, str]] = []
     started = time.monotonic()
-    run_experiment(cfg, echo=lambda msg: marks.append((time.monotonic(), msg.split(": ", 1)[-1])))
+    # Each progress line starts a stage ("... min: LABEL"); the last ones start and end the report.
+    run_experiment(cfg, echo=lambda msg: marks.append((time.monotonic(), msg.split(" min: ", 1)[1] if " min: " in msg
+                                                       else "report")))
     total = time.monotonic() - started
     print(f"{'stage':<72} {'s':>7}")
     for (t, label), (t_next, _) in zip(marks, marks[1:]):
-        if not label.startswith("rows "):
-            print(f"{label[:72]:<72} {t_next - t:7.1f}")
+        print(f"{label[:72]:<72} {t_next - t:7.1f}")
     print(f"{'whole grid':<72} {total:7.1f}")
     if torch.cuda.is_available():
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
