@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from distillqa.config import load_config
-from distillqa.errors import ConfigError, RunDirError
+from distillqa.errors import ConfigError, DistillQAError, RunDirError
 from distillqa.exp_dir import check_config, experiment_lock
 from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.grid import plan_hypotheses, plan_rows
@@ -78,6 +78,26 @@ def test_plan_has_the_studys_rows_and_matched_pairs(grid_cfg, tmp_path):
         assert diff == {"teacher_state"}
     for a, b in hyps["vocabulary"].pairs:  # logit-level with logit-level, dual-space with dual-space
         assert by_name[a]["family"] == by_name[b]["family"] and by_name[a]["vocabulary"] == "same"
+
+
+def test_each_stage_needs_the_stages_whose_outputs_it_reads_and_runs_after_them(grid_cfg, tmp_path):
+    """The dependencies the concurrent backends start stages by; the sequential order satisfies them."""
+    from distillqa.experiment.runner import plan_stages
+
+    cfg = grid_cfg(tmp_path / "exp")
+    rows = plan_rows(cfg, {cfg.grid.teachers[0].name: True, cfg.grid.teachers[1].name: False})
+    order = [stage for _, stages in plan_stages(cfg, tmp_path / "exp", rows) for stage in stages]
+    position = {id(stage): i for i, stage in enumerate(order)}
+    assert all(position[id(n)] < position[id(stage)] for stage in order for n in stage.needs)
+    needs = {stage.label.split(" (")[0]: sorted(n.label.split(" (")[0] for n in stage.needs) for stage in order}
+    heal = next(label for label in needs if label.startswith("heal"))
+    assert needs["sft sft/teacher-plain"] == [] and needs["sft sft/student"] == [heal]
+    assert needs["sft sft/sft-only_student-base"] == [heal] and needs["sft sft/sft-only_student-sft"] == ["sft sft/student"]
+    assert needs["distill cells/kd-vanilla_teacher-plain-sft_student-sft"] == ["sft sft/student", "sft sft/teacher-plain"]
+    assert needs["distill cells/kd-uld_teacher-other-base_student-base"] == [heal]
+    assert needs["generate kd-uld_teacher-other-base_student-base"] == ["distill cells/kd-uld_teacher-other-base_student-base"]
+    assert needs["generate teacher-plain-base"] == [] and needs["generate student-sft"] == ["sft sft/student"]
+    assert needs["evaluate teacher-other-sft"] == ["generate teacher-other-sft"]
 
 
 def test_with_endpoints_each_row_asks_for_its_own_model(tiny_model, tiny_other_vocab_model, tmp_path):
@@ -252,3 +272,18 @@ def test_grid_on_submitit_with_a_job_lost_ends_as_the_sequential_run(grid_cfg, t
     dispatch = {"backend": "slurm", "max_concurrent": 2, "slurm": {"cluster": "local", "timeout_min": 10}}
     exp = run_on_workers_losing_one(small(tmp_path / "exp"), dispatch, "kd-vanilla_teacher-plain-sft_student-base")
     assert len(outputs(exp)) == 2 * 5 + 1 and outputs(exp) == outputs(reference)
+
+
+def test_a_failing_stage_on_ray_stops_the_run_naming_it_and_its_log(grid_cfg, tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a model")
+    cfg = grid_cfg(tmp_path / "exp")
+    cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"teachers": [
+        cfg.grid.teachers[0].model_copy(update={"name": str(broken)})], "teacher_states": ["sft"]}),
+        "dispatch": type(cfg.dispatch)(backend="ray")})
+    with pytest.raises(DistillQAError, match=r"stage 'sft sft/teacher-broken' failed: .* \(its log: .*sft_sft_teacher-broken.log\)"):
+        run_experiment(cfg, echo=lambda msg: None)
+    assert "Traceback" in (tmp_path / "exp" / "logs" / "sft_sft_teacher-broken.log").read_text()

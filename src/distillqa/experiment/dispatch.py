@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -34,7 +35,11 @@ def run_logged(run: Callable[[], object], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as out, redirect_stdout(out), redirect_stderr(out):
         print(f"[distillqa] pid {os.getpid()} on {socket.gethostname()}", flush=True)
-        run()
+        try:
+            run()
+        except BaseException:
+            traceback.print_exc()  # the whole story in the log; the runner shows one line
+            raise
 
 
 def forwarded_environment() -> dict[str, str]:
@@ -65,7 +70,8 @@ class RayWorkers:
 
 class SlurmJobs:
     """Stages as submitit jobs, each followed by a thread here that submits it again when its job is
-    lost (killed, preempted, out of time) and raises the stage's own error."""
+    lost (killed, preempted, out of time) and raises the stage's own error. Jobs still queued or
+    running when the run stops (an error, Ctrl-C) are cancelled; what they wrote resumes next time."""
 
     def __init__(self, cfg: DispatchConfig, exp: Path):
         import submitit
@@ -76,6 +82,8 @@ class SlurmJobs:
                                         mem_gb=s.mem_gb, slurm_partition=s.partition, slurm_additional_parameters=s.additional)
         self.retries, self.where = cfg.retries, f"submitit ({s.cluster})"
         self.threads = ThreadPoolExecutor(max_workers=64)
+        self.jobs: list = []
+        self.closed = False
 
     def submit(self, run: Callable[[], object], log: Path) -> Future:
         return self.threads.submit(self._until_done, run, log)
@@ -84,7 +92,10 @@ class SlurmJobs:
         from submitit.core.utils import UncompletedJobError
 
         for attempt in range(self.retries + 1):
+            if self.closed:  # the run stopped: submit nothing more
+                return None
             job = self.executor.submit(run_logged, run, log)
+            self.jobs.append(job)
             try:
                 return job.result()
             except UncompletedJobError:
@@ -92,6 +103,10 @@ class SlurmJobs:
                     raise
 
     def close(self) -> None:
+        self.closed = True
+        for job in self.jobs:
+            if not job.done():
+                job.cancel(check=False)
         self.threads.shutdown(wait=False, cancel_futures=True)
 
 
