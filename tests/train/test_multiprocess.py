@@ -96,20 +96,25 @@ def test_two_processes_train_every_objective_as_one_process(tiny_model, tiny_oth
     in_one_process(list(runs(tiny_model, tiny_other_vocab_model, tiny_chat_model, rationales, one).values()),
                    one / "dump", one / "cache", monkeypatch)
 
-    for name in lines:
-        rank0, rank1 = (load_file(str(two / "dump" / name / f"rank-{r}.safetensors")) for r in (0, 1))
-        single = load_file(str(one / "dump" / name / "rank-0.safetensors"))
+    same_as_one_process(two / "dump", one / "dump", list(lines), "2 processes")
+    for name in ("sft", "vanilla", "dskd", "dskd-cma", "uld"):  # the logged loss is the mean over both processes
+        assert log_losses(two / name) == pytest.approx(log_losses(one / name), rel=1e-5)
+    assert json.loads((two / "rationales" / "results" / "runs.json").read_text())[0]["n"] == 2
+
+
+def same_as_one_process(dump: Path, one_dump: Path, names: list[str], label: str) -> None:
+    """Each run's trainable tensors in `dump`: the same in both processes, and as one process's in `one_dump`."""
+    for name in names:
+        rank0, rank1 = (load_file(str(dump / name / f"rank-{r}.safetensors")) for r in (0, 1))
+        single = load_file(str(one_dump / name / "rank-0.safetensors"))
         assert rank0.keys() == rank1.keys() == single.keys() and rank0
         if name.startswith("dskd"):
             assert any(k.startswith("objective.") for k in rank0)  # the projectors are trained and compared too
         across_ranks = max((rank0[k] - rank1[k]).abs().max().item() for k in rank0)
         vs_single = max((rank0[k] - single[k]).abs().max().item() for k in rank0)
-        print(f"{name}: max |rank 0 - rank 1| = {across_ranks:.1e}, max |2 processes - 1 process| = {vs_single:.1e}")
+        print(f"{label}, {name}: max |rank 0 - rank 1| = {across_ranks:.1e}, max |2 processes - 1 process| = {vs_single:.1e}")
         assert across_ranks == 0, name
         assert vs_single < 1e-5, name
-    for name in ("sft", "vanilla", "dskd", "dskd-cma", "uld"):  # the logged loss is the mean over both processes
-        assert log_losses(two / name) == pytest.approx(log_losses(one / name), rel=1e-5)
-    assert json.loads((two / "rationales" / "results" / "runs.json").read_text())[0]["n"] == 2
 
 
 def children(pid: int) -> list[int]:
@@ -126,20 +131,26 @@ def children(pid: int) -> list[int]:
 
 
 def test_two_process_run_killed_with_sigkill_resumes_to_completion(tiny_model, tmp_path, monkeypatch):
+    killed_and_resumed(TORCHRUN, tiny_model, tmp_path, monkeypatch, "2 processes")
+
+
+def killed_and_resumed(launcher: list[str], tiny_model, tmp_path: Path, monkeypatch, label: str) -> None:
+    """A 4-step sft run of 2 processes started with `launcher`, killed with SIGKILL right after its step-2
+    checkpoint and resumed, ends as one process's uninterrupted run."""
     out, cache = tmp_path / "killed", tmp_path / "cache"
     line = as_cli(["sft"], [f"model.name={tiny_model}", f"output_dir={out}", *COMMON, "train.max_steps=4", "train.checkpoint_every=2"])
-    launch = subprocess.Popen([*TORCHRUN, str(HERE / "torchrun_cli.py"), str(tmp_path / "dump"), "2", "--", *line],
+    launch = subprocess.Popen([*launcher, str(HERE / "torchrun_cli.py"), str(tmp_path / "dump"), "2", "--", *line],
                               env=env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-00000002").is_dir():  # the main process pauses right after writing it
         assert launch.poll() is None and time.time() < deadline, "the launch ended before its step-2 checkpoint"
         time.sleep(0.2)
-    for pid in [launch.pid, *children(launch.pid)]:  # kill -9: torchrun and both processes at once
+    for pid in [launch.pid, *children(launch.pid)]:  # kill -9: the launcher and both processes at once
         os.kill(pid, signal.SIGKILL)
     launch.wait()
     assert json.loads((out / "run.json").read_text())["status"] == "running" and not (out / "final").exists()
 
-    resumed = subprocess.run([*TORCHRUN, "-m", "distillqa.cli", *line, "--resume"], env=env(cache), capture_output=True,
+    resumed = subprocess.run([*launcher, "-m", "distillqa.cli", *line, "--resume"], env=env(cache), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
@@ -152,6 +163,6 @@ def test_two_process_run_killed_with_sigkill_resumes_to_completion(tiny_model, t
     b = load_file(str(one / "final" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"killed and resumed, 2 processes vs 1 process: max |difference| = {diff:.1e}")
+    print(f"{label}, killed and resumed, vs 1 process: max |difference| = {diff:.1e}")
     assert diff < 1e-5
     assert log_losses(out) == pytest.approx(log_losses(one), rel=1e-5)

@@ -1,10 +1,11 @@
-"""`distillqa` as torchrun starts it in the multi-process tests: the CLI, unchanged, with two test hooks.
+"""`distillqa` as torchrun (or accelerate launch) starts it in the multi-process tests: the CLI, unchanged, with two test hooks.
 
     torchrun --nproc_per_node 2 tests/train/torchrun_cli.py DUMP_DIR PAUSE_AFTER_STEP -- sft --set ... -- distill --set ...
 
 runs `distillqa sft --set ...`, then `distillqa distill --set ...` (one launch, so the processes
 start once) in every process, and
-- after each training run, writes each process's trainable tensors (model and objective) to
+- after each training run, writes each process's trainable tensors (model and objective; whole, when
+  the engine shards them) to
   DUMP_DIR/RUN_NAME/rank-R.safetensors, so a test can see that the processes ended alike;
 - with PAUSE_AFTER_STEP > 0, stops the main process for good right after it saved that step's
   checkpoint (the others wait in the next step's gradient exchange), so that a test can kill the
@@ -19,15 +20,16 @@ from safetensors.torch import save_file
 
 from distillqa.train import distill, loop, sft
 from distillqa.processes import processes
+from distillqa.train.shards import full_tensors
 
 
 def dumping(train, dump_dir: Path):
     def train_and_dump(model, objective, data, cfg, run, *args, **kwargs):
         result = train(model, objective, data, cfg, run, *args, **kwargs)
-        state = loop.trainable_state(loop.TrainingLoss(model, objective))
+        state = full_tensors(loop.trainable_state(loop.TrainingLoss(model, objective)))  # whole, if sharded
         out = dump_dir / run.path.name / f"rank-{processes().process_index}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().float().cpu().contiguous() for n, p in state.items()}, str(out))
+        save_file({n: t.float() for n, t in state.items()}, str(out))
         return result
 
     return train_and_dump

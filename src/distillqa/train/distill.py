@@ -19,7 +19,7 @@ from distillqa.generate import read_answers_store, stored_answers
 from distillqa.models.lora import apply_lora
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.models.traits import same_tokenizer
-from distillqa.processes import processes
+from distillqa.processes import processes, sharded_engine
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
 from distillqa.train.kd import ULD, CachedKD, VanillaKD
 from distillqa.train.loop import examples_trained_on, train, validation_examples
@@ -27,6 +27,7 @@ from distillqa.train.losses import DIVERGENCES, LossTerms, SampledKL, TopKTail
 from distillqa.train.objectives import SFTObjective
 from distillqa.train.onpolicy import OnPolicyKD
 from distillqa.train.run_dir import RunDir, save_final
+from distillqa.train.shards import full_tensors
 from distillqa.train.sft import encode_split
 from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split
 
@@ -69,7 +70,23 @@ def cached_objective(cfg: KDConfig, cache: TeacherCache) -> CachedKD:
     return CachedKD(terms, [SampledKL() for _ in terms.divergences], cfg.chunk_size)
 
 
+def check_engine(cfg: KDConfig) -> None:
+    """Refuse what the launch's sharding engine cannot train: under it every forward gathers weights from all
+    processes, so each process must run the same modules the same number of times."""
+    engine = sharded_engine()
+    if engine == "deepspeed-zero3" and cfg.algorithm != "seqkd":
+        raise ConfigError(f"kd.algorithm: '{cfg.algorithm}' cannot train under DeepSpeed ZeRO-3, which gathers a module's "
+                          "weights each time it runs: the heads run once per chunk of answer tokens, a different number of "
+                          "times in each process, and the processes wait for each other forever; use the fsdp2 or "
+                          "deepspeed-zero2 accelerate config")
+    if engine and cfg.lmbda:
+        raise ConfigError(f"kd.lmbda: on-policy KD cannot train under {engine}: the student samples answers of different "
+                          "lengths in each process, and every sampled token gathers weights from all of them; use the ddp "
+                          "or deepspeed-zero2 accelerate config")
+
+
 def run_distill(cfg: DistillConfig, resume: bool = False) -> Path:
+    check_engine(cfg.kd)
     if cfg.kd.teacher_cache:
         return run_distill_cached(cfg, resume)
     splits, report = load_splits(cfg.data)
@@ -147,8 +164,9 @@ def load_student(cfg: DistillConfig):
 
 
 def finish(cfg: DistillConfig, run: RunDir, student, tok_s, objective) -> None:
+    state = full_tensors({n: p for n, p in objective.named_parameters() if p.requires_grad})  # every process: sharded?
+
     def save_projectors(tmp: Path) -> None:
-        state = {n: p.detach().cpu().contiguous() for n, p in objective.named_parameters() if p.requires_grad}
         if state:
             save_file(state, str(tmp / "projectors.safetensors"))
 

@@ -4,7 +4,8 @@
       config.yaml        the resolved config of the run
       run.json           kind, base model, status (running | finished), steps
       log.jsonl          one line per logged step
-      checkpoints/step-00000050/   trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
+      checkpoints/step-00000050/   trainable.safetensors (whole), optimizer.pt (or optimizer/, one shard per
+                                   process, under FSDP2 and DeepSpeed), scheduler.pt, rng.pt, state.json
       final/             adapter/ (LoRA) or model/ (full), plus the tokenizer
 
 A new run refuses a directory that already holds a run; `resume=True` continues an
@@ -31,6 +32,7 @@ from distillqa.config_changes import changed_keys
 from distillqa.errors import RunDirError
 from distillqa.io import append_jsonl, atomic_path, read_partial_jsonl, write_json, write_jsonl, write_text
 from distillqa.processes import processes
+from distillqa.train.shards import full_tensors
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +151,12 @@ class RunDir:
 
 def save_final(run: RunDir, model, tok, lora: bool, extra=None, keep_checkpoints: bool = False) -> None:
     """Write final/: the adapter (LoRA) or the whole model, the tokenizer, and `extra(tmp)` if given;
-    the checkpoints are removed unless `keep_checkpoints`."""
+    the checkpoints are removed unless `keep_checkpoints`. Every process calls it: the weights are
+    gathered whole first, as a sharded run (FSDP2, ZeRO-3) holds them in pieces."""
+    state = full_tensors(model.state_dict(keep_vars=True))  # keep_vars: the parameters themselves, which gather
 
     def save(tmp: Path) -> None:
-        model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
+        model.save_pretrained(tmp / ("adapter" if lora else "model"), state_dict=state, safe_serialization=True)
         tok.save_pretrained(tmp)
         if not lora:
             tok.save_pretrained(tmp / "model")

@@ -1,0 +1,25 @@
+"""Whole tensors from sharded training: under FSDP2 (a DTensor per parameter) and DeepSpeed ZeRO-3
+(parameters partitioned, each process holding a slice) no process holds a trained weight whole, so
+what is saved (checkpoints, `final/`) is gathered first."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of `tensors` whole. A collective: every process calls it, with the same names."""
+    with zero_gathered([t for t in tensors.values() if hasattr(t, "ds_id")]):
+        return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone() for name, t in tensors.items()}
+
+
+def zero_gathered(params: list[torch.Tensor]):
+    """DeepSpeed's context that gathers ZeRO-3 parameters (`ds_id` marks them); DeepSpeed is imported only then."""
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
