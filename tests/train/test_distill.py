@@ -227,6 +227,34 @@ def test_seqkd_trains_on_the_teachers_answers_to_the_baselines_examples(tiny_mod
     assert info["status"] == "finished" and info["teacher_answers"]["answered"] + info["teacher_answers"]["empty"] == 8
 
 
+def test_seqkd_run_waits_for_the_store_another_run_is_answering(tiny_model, tmp_path):
+    """Cells of an experiment may run at the same time (`dispatch.backend`) and share a store: a run answers
+    it only while holding its lock (held here, as another run would), then ends with what one run writes alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from distillqa.config import dump_config
+    from distillqa.io import file_lock
+
+    teacher = f"{tiny_model}@layers=0-1"
+    run_distill(cfg_for(teacher, tiny_model, tmp_path / "alone", "seqkd", "train.max_steps=2"))
+    store, config = tmp_path / "answers.jsonl", tmp_path / "b.yaml"
+    config.write_text(dump_config(cfg_for(teacher, tiny_model, tmp_path / "b", "seqkd", "train.max_steps=2",
+                                          f"kd.teacher_answers={store}")))
+    with file_lock(store.with_suffix(".lock")):
+        proc = subprocess.Popen([sys.executable, "-m", "distillqa.cli", "distill", str(config)],
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "b" / "run.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(5)  # ample for the tiny teacher to answer its 8 questions, were it not waiting
+        assert (tmp_path / "b" / "run.json").is_file() and not store.exists() and proc.poll() is None
+    assert proc.wait() == 0, proc.stderr.read()[-1000:]
+    assert store.read_text() == (tmp_path / "alone" / "teacher_answers.jsonl").read_text()
+
+
 def test_seqkd_answers_store_is_shared_and_refuses_other_settings(tiny_model, tmp_path, monkeypatch):
     from distillqa.train import distill
 
