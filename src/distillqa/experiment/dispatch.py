@@ -20,10 +20,13 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from distillqa.errors import DistillQAError
 from distillqa.experiment.config import DispatchConfig
+
+if TYPE_CHECKING:
+    from distillqa.experiment.runner import Stage
 
 
 def stage_log(exp: Path, label: str) -> Path:
@@ -110,13 +113,13 @@ class SlurmJobs:
         self.threads.shutdown(wait=False, cancel_futures=True)
 
 
-def run_concurrently(stages: list, cfg: DispatchConfig, exp: Path, echo: Callable[[str], None]) -> None:
+def run_concurrently(stages: list[Stage], cfg: DispatchConfig, exp: Path, echo: Callable[[str], None]) -> None:
     """Run every stage that is not done, each as soon as the stages it needs are done."""
     pending = [s for s in stages if not s.done()]
     if not pending:
         return
     workers = RayWorkers(cfg) if cfg.backend == "ray" else SlurmJobs(cfg, exp)
-    running: dict[Future, object] = {}
+    running: dict[Future, Stage] = {}
     started, finished = time.monotonic(), len(stages) - len(pending)
     try:
         while pending or running:
