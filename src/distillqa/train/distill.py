@@ -73,13 +73,7 @@ def cached_objective(cfg: KDConfig, cache: TeacherCache) -> CachedKD:
 def check_engine(cfg: KDConfig) -> None:
     """Refuse what the launch's sharding engine cannot train: under it every forward gathers weights from all
     processes, so each process must run the same modules the same number of times."""
-    engine = sharded_engine()
-    if engine == "deepspeed-zero3" and cfg.algorithm != "seqkd":
-        raise ConfigError(f"kd.algorithm: '{cfg.algorithm}' cannot train under DeepSpeed ZeRO-3, which gathers a module's "
-                          "weights each time it runs: the heads run once per chunk of answer tokens, a different number of "
-                          "times in each process, and the processes wait for each other forever; use the fsdp2 or "
-                          "deepspeed-zero2 accelerate config")
-    if engine and cfg.lmbda:
+    if (engine := sharded_engine()) and cfg.lmbda:
         raise ConfigError(f"kd.lmbda: on-policy KD cannot train under {engine}: the student samples answers of different "
                           "lengths in each process, and every sampled token gathers weights from all of them; use the ddp "
                           "or deepspeed-zero2 accelerate config")

@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -99,6 +100,22 @@ def log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Te
     return torch.logaddexp(logp + torch.log(w), logq + torch.log1p(-w))
 
 
+def chunk_slices(n: int, chunk: int | None, device: torch.device) -> list[slice]:
+    """Slices of at most `chunk` rows (all n at once without `chunk`) covering n rows.
+
+    In a launch of several processes each process gets as many slices as the one with the most rows, the extra
+    ones empty: under DeepSpeed ZeRO-3 every call of a head module gathers its weights from all processes, and
+    DeepSpeed prefetches the weights of the modules that followed last time, so a process calling the heads
+    fewer times than another would leave it waiting for a gather forever.
+    """
+    if chunk and dist.is_initialized() and dist.get_world_size() > 1:
+        most = torch.tensor(n, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        n = int(most)
+    step = chunk or max(n, 1)
+    return [slice(start, start + step) for start in range(0, max(n, 1), step)]
+
+
 def chunked_mean(
     per_token: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], chunk: int | None
 ) -> torch.Tensor:
@@ -108,18 +125,18 @@ def chunked_mean(
     [n] or [n, k] for k loss terms at once, typically projecting to the vocabulary first. With
     `chunk`, each slice is wrapped in activation checkpointing, so its [chunk, V] logits are
     freed after the forward and recomputed in the backward: peak memory is one chunk's logits
-    instead of all N rows'. Returns a scalar, or [k].
+    instead of all N rows'. The slices are `chunk_slices`' (as many in every process). Returns a scalar, or [k]
+    (0 for no rows).
     """
     n = inputs[0].shape[0]
-    if n == 0:
-        return per_token(*inputs).sum(0) * 0.0
-    if chunk is None or chunk >= n:
-        return per_token(*inputs).sum(0) / n
+    slices = chunk_slices(n, chunk, inputs[0].device)
+    if len(slices) == 1:
+        return per_token(*inputs).sum(0) / max(n, 1)
     total = 0.0
-    for start in range(0, n, chunk):
-        part = tuple(x[start : start + chunk] for x in inputs)
+    for rows in slices:
+        part = tuple(x[rows] for x in inputs)
         if torch.is_grad_enabled():
             total = total + checkpoint(lambda *a: per_token(*a).sum(0), *part, use_reentrant=False)
         else:
             total = total + per_token(*part).sum(0)
-    return total / n
+    return total / max(n, 1)

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from distillqa.train.losses.base import chunk_slices
 from distillqa.train.losses.terms import LossTerms
 from distillqa.train.objectives import softcapped
 
@@ -38,12 +39,11 @@ class FusedLinearKD(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, targets: torch.Tensor,
                 teacher_logits: Callable[[slice], torch.Tensor], terms: LossTerms, chunk: int | None):
         n, ce_weight = hidden.shape[0], terms.ce_weight
+        count = max(n, 1)  # a process without answer tokens still runs (empty) chunks: chunk_slices
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         sums = torch.zeros(1 + len(terms.divergences), device=hidden.device)  # CE, each divergence
-        step = chunk or max(n, 1)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
+        for rows in chunk_slices(n, chunk, hidden.device):  # as many chunks in every process (see chunk_slices)
             h, y = hidden[rows].to(weight.dtype), targets[rows]
             logits = softcapped(F.linear(h, weight), softcap).float()
             logp = torch.log_softmax(logits, dim=-1)
@@ -67,10 +67,10 @@ class FusedLinearKD(torch.autograd.Function):
                 grad *= 1 - (logits / softcap) ** 2
             grad = grad.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad @ weight) / n
+                grad_hidden[rows] = (grad @ weight) / count
             if grad_weight is not None:
-                grad_weight.addmm_(grad.T, h, alpha=1 / n)
-        means = sums / max(n, 1)
+                grad_weight.addmm_(grad.T, h, alpha=1 / count)
+        means = sums / count
         ce, kd_values = means[0], means[1:]
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(ce, kd_values)
