@@ -31,7 +31,7 @@ from distillqa.config import dump_config
 from distillqa.config_changes import changed_keys
 from distillqa.errors import RunDirError
 from distillqa.io import append_jsonl, atomic_path, read_partial_jsonl, write_json, write_jsonl, write_text
-from distillqa.processes import processes
+from distillqa.processes import processes, sharded_engine
 from distillqa.train.shards import full_tensors
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,9 @@ class RunDir:
 def save_final(run: RunDir, model, tok, lora: bool, extra=None, keep_checkpoints: bool = False) -> None:
     """Write final/: the adapter (LoRA) or the whole model, the tokenizer, and `extra(tmp)` if given;
     the checkpoints are removed unless `keep_checkpoints`. Every process calls it: the weights are
-    gathered whole first, as a sharded run (FSDP2, ZeRO-3) holds them in pieces."""
-    state = full_tensors(model.state_dict(keep_vars=True))  # keep_vars: the parameters themselves, which gather
+    gathered whole first when a sharded run (FSDP2, ZeRO-3) holds them in pieces; otherwise the model saves its own
+    (no copy of a large model's weights in memory)."""
+    state = full_tensors(model.state_dict(keep_vars=True)) if sharded_engine() else None  # keep_vars: gatherable params
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp / ("adapter" if lora else "model"), state_dict=state, safe_serialization=True)
