@@ -1,5 +1,6 @@
 """The fused KD step (`losses/fused.py`, taken by `VanillaKD`) against autograd through the formula
-loss = w_ce CE + sum_j w_j mean D_j(p || q), computed unchunked: same loss, same gradient on every student weight."""
+loss = w_ce CE + sum_j w_j mean D_j(p || q), computed unchunked: same loss, same gradient on every student weight;
+and DSKD's fused sides against its autograd path."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillqa.config import KDConfig, LoraConfig
 from distillqa.models.lora import apply_lora
+from distillqa.train import dskd
 from distillqa.train.distill import make_loss_terms
 from distillqa.train.kd import VanillaKD
 from distillqa.train.losses import DIVERGENCES, LossTerms
@@ -16,24 +18,29 @@ from distillqa.train.objectives import answer_states, project_to_vocab
 KD_RATE = 0.3
 
 
-def tiny_llama(seed: int, tied: bool, vocab: int = 50, softcap: float | None = None) -> LlamaForCausalLM:
+def tiny_llama(seed: int, tied: bool, vocab: int = 50, softcap: float | None = None, hidden: int = 16) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, tie_word_embeddings=tied, initializer_range=0.5)
     model = LlamaForCausalLM(cfg)
     model.config.final_logit_softcapping = softcap  # read by `causal_lm_parts`, as for Gemma 2
     return model
 
 
-def batch_with_prompts_and_padding() -> dict[str, torch.Tensor]:
-    """Three rows of 12 tokens: answers of 5, 3 and 0 tokens after the prompt, -100 on prompt and padding."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (3, 12), generator=g)
-    labels = torch.full_like(ids, -100)
-    labels[0, 6:11], labels[1, 4:7] = ids[0, 6:11], ids[1, 4:7]
-    mask = torch.ones_like(ids)
-    mask[0, 11:], mask[1, 7:] = 0, 0
+def padded_batch(vocab: int, length: int, answers: list[tuple[int, int]], seed: int) -> dict[str, torch.Tensor]:
+    """Rows of `length` random tokens, row i's answer at positions answers[i] = (start, end), padding after it,
+    -100 on prompt and padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (len(answers), length), generator=g)
+    labels, mask = torch.full_like(ids, -100), torch.ones_like(ids)
+    for row, (start, end) in enumerate(answers):
+        labels[row, start:end], mask[row, end:] = ids[row, start:end], 0
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_with_prompts_and_padding() -> dict[str, torch.Tensor]:
+    """Three rows of 12 tokens: answers of 5, 3 and 0 tokens after the prompt."""
+    return padded_batch(50, 12, [(6, 11), (4, 7), (12, 12)], seed=0)
 
 
 def terms(name: str, temperature: float = 1.0) -> LossTerms:
@@ -141,3 +148,58 @@ def test_kd_rate_zero_is_cross_entropy_alone_with_the_divergence_logged():
     student, teacher, batch = tiny_llama(0, tied=True), tiny_llama(1, tied=True), batch_with_prompts_and_padding()
     loss, logs = VanillaKD(teacher, make_loss_terms(KDConfig(kd_rate=0.0)), 2)(student, batch)
     assert loss.item() == pytest.approx(logs["ce"]) and logs["kd"] > 0
+
+
+def cma_batch() -> dict[str, torch.Tensor]:
+    """The student's rows of `batch_with_prompts_and_padding`, and the teacher's own: 10 tokens of a 70-token vocabulary,
+    answers of 4, 2 and 0 tokens."""
+    teacher = padded_batch(70, 10, [(5, 9), (3, 5), (10, 10)], seed=1)
+    return {**batch_with_prompts_and_padding(), **{f"teacher_{k}": v for k, v in teacher.items()}}
+
+
+def with_some_targets_predicted(objective, student, batch):
+    """The batch with every other student answer target replaced by t2s's prediction there, so that CMA's
+    KD_t2s (counted only where argmax t2s = y) is neither all on nor all off."""
+    scores, _, valid_s, _, _, values_t = objective.align(student, batch)
+    t2s = torch.softmax(scores, -1) @ objective.t2s(values_t)
+    predicted = dskd.student_space_logits(student, t2s[valid_s]).argmax(-1)
+    labels = batch["labels"].clone()
+    targets = labels[:, 1:]
+    kept = targets[targets != -100]
+    kept[::2] = predicted[::2]
+    targets[targets != -100] = kept
+    return {**batch, "labels": labels}
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("algorithm", ["dskd", "dskd-cma"])
+def test_fused_dskd_equals_its_autograd_path(algorithm, chunk, tied, softcap, monkeypatch):
+    """Loss, every logged part, and the gradients of the student and of the projectors (and CMA's query)."""
+    cma = algorithm == "dskd-cma"
+    student = tiny_llama(0, tied, softcap=softcap)
+    teacher = tiny_llama(1, tied, vocab=70 if cma else 50, softcap=softcap, hidden=24)
+    loss_terms = make_loss_terms(KDConfig(losses=LIST))
+    torch.manual_seed(2)
+    objective = (dskd.DSKDCrossModelAttention if cma else dskd.DSKD)(teacher, student, loss_terms, 2.0, chunk)
+    batch = with_some_targets_predicted(objective, student, cma_batch()) if cma else batch_with_prompts_and_padding()
+
+    def run():
+        student.zero_grad(set_to_none=True)
+        objective.zero_grad(set_to_none=True)
+        loss, logs = objective(student, batch)
+        loss.backward()
+        params = [*student.named_parameters(), *objective.named_parameters()]
+        return loss.detach(), logs, {n: p.grad.clone() for n, p in params if p.grad is not None}
+
+    fused = run()
+    monkeypatch.setattr(dskd, "linear_head", lambda model: None)  # the autograd path
+    autograd = run()
+    assert_same(fused[::2], autograd[::2])
+    assert fused[1].keys() == autograd[1].keys()
+    for name in autograd[1]:
+        assert fused[1][name] == pytest.approx(autograd[1][name], rel=1e-5, abs=1e-6), name
+    assert {"t2s.weight", "s2t.weight"} <= fused[2].keys() and ("query.weight" in fused[2]) == cma
+    if cma:
+        assert 0 < fused[1]["t2s_acc"] < 1 and fused[1]["t2s_kd"] > 0

@@ -11,6 +11,11 @@ answer tokens: loss = w_ce * CE(student) + kd_weight * (CE_t2s + KD_t2s + KD_s2t
 - student space -> teacher space: s2t_logits = teacher_head(s2t(h_S)); KD_s2t =
   KL(teacher || s2t_logits) at `temperature` teaches the student through the frozen teacher head.
 
+When both heads are plain linear layers (`linear_head`), each side is one fused linear loss (`losses/fused.py`):
+per chunk the three or two heads' logits once and their gradients in closed form (dCE/dz = softmax(z) - onehot(y);
+the divergences' `value_and_grad`); otherwise autograd through checkpointed chunks. Both give the same loss and
+gradients.
+
 Precision: the projectors keep fp32 weights whatever the models' dtype (like peft's LoRA adapters,
 so that small AdamW updates are not rounded away in bf16); their inputs are cast to fp32, and their
 outputs to the dtype of the head they go through (`project_to_vocab`, `student_space_logits`), so a
@@ -28,7 +33,9 @@ from torch import nn
 from distillqa.data.prompts import IGNORE
 from distillqa.train.kd import FrozenTeacher, aligned_answer_states, pack_rows
 from distillqa.train.losses import ForwardKL, LossTerms, chunked_mean
-from distillqa.train.objectives import answer_states, causal_lm_parts, project_to_vocab
+from distillqa.train.losses.fused import ce_and_divergences, cross_entropy_and_grad, fused_linear_loss, head_logits
+from distillqa.train.objectives import answer_states, causal_lm_parts, linear_head, project_to_vocab
+from distillqa.train.shards import zero_gathered
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -63,6 +70,8 @@ class DSKD(FrozenTeacher):
         h_s, y = answer_states(student, batch)
         with torch.no_grad():
             h_t, _ = answer_states(self.teacher, batch)
+        if linear_head(student) and linear_head(self.teacher):
+            return fused_dual_space(self, student, h_s, self.t2s(h_t), y, self.s2t(h_s), h_t, correct_only=False)
 
         def per_token(hs, ht, yy):
             logits_s = project_to_vocab(student, hs)
@@ -77,14 +86,49 @@ class DSKD(FrozenTeacher):
             ], dim=-1)
 
         ce, t2s_ce, s2t_kd, *t2s_kd = chunked_mean(per_token, (h_s, h_t, y), self.chunk)
-        return dual_space_loss(self.terms, ce, t2s_ce, self.terms.kd(torch.stack(t2s_kd)), s2t_kd)
+        t2s_kd = self.terms.kd(torch.stack(t2s_kd))
+        return self.terms.total(ce, t2s_ce + t2s_kd + s2t_kd), dual_space_logs(ce, t2s_ce, t2s_kd, s2t_kd)
 
 
-def dual_space_loss(terms: LossTerms, ce, t2s_ce, t2s_kd, s2t_kd, **more):
-    """(loss, logs): w_ce * CE + kd_weight * (CE_t2s + KD_t2s + KD_s2t)."""
-    kd = t2s_ce + t2s_kd + s2t_kd
-    logs = {"ce": ce, "kd": kd, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, **more}
-    return terms.total(ce, kd), {k: v.item() for k, v in logs.items()}
+def dual_space_logs(ce, t2s_ce, t2s_kd, s2t_kd, **more) -> dict[str, float]:
+    """The logged parts of w_ce * CE + kd_weight * kd, kd = CE_t2s + KD_t2s + KD_s2t."""
+    logs = {"ce": ce, "kd": t2s_ce + t2s_kd + s2t_kd, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, **more}
+    return {k: v.item() for k, v in logs.items()}
+
+
+def fused_dual_space(objective: nn.Module, student: nn.Module, h_s, t2s_h, y, s2t_h, h_t, correct_only: bool):
+    """(loss, logs) of DSKD as two fused linear losses, each averaged over its own rows:
+    - student side, rows (h_s, t2s_h, y), heads W_s (trains) and W_s detached:
+      w_ce * CE(s, y) + kd_weight * CE(a, y) + sum_j w_j * c * D_j(softmax(a) || softmax(s)), s = W_s h_s (softcapped
+      where the student softcaps), a = W_s t2s_h (never softcapped, as `student_space_logits`),
+      c = 1, or [argmax a = y] with `correct_only` (CMA);
+      dloss/ds as in vanilla KD with a as the teacher, dloss/da = kd_weight * (softmax(a) - onehot(y));
+    - teacher side, rows (s2t_h, h_t), head W_t (frozen): kd_weight * KL_T(softmax(t / T) || softmax(b / T)),
+      b = W_t s2t_h, t = W_t h_t; dloss/db = kd_weight / T * (softmax(b / T) - softmax(t / T))."""
+    terms, teacher_kl, kd_weight = objective.terms, objective.teacher_kl, objective.terms.kd_weight
+    (w_s, c_s), (w_t, c_t) = linear_head(student), linear_head(objective.teacher)
+
+    def student_side(rows, logits, wanted):
+        s, a, yy = *logits, y[rows]
+        correct = (a.argmax(-1) == yy).float()
+        values, grad_s = ce_and_divergences(s, yy, a, terms, wanted[0], correct if correct_only else None)
+        t2s_ce, grad_a = cross_entropy_and_grad(a, yy, wanted[1])
+        loss = terms.total(values[0], t2s_ce.sum() + terms.kd(values[1:]))
+        return loss, torch.cat([values[:1], t2s_ce.sum()[None], correct.sum()[None], values[1:]]), [
+            grad_s, None if grad_a is None else grad_a.mul_(kd_weight)]
+
+    def teacher_side(rows, logits, wanted):
+        temperature = teacher_kl.temperature
+        teacher_logp = torch.log_softmax(head_logits(h_t[rows], w_t, c_t) / temperature, dim=-1)
+        value, grad = teacher_kl.value_and_grad(torch.log_softmax(logits[0] / temperature, dim=-1), teacher_logp)
+        return kd_weight * value.sum(), value.sum()[None], [grad.mul_(kd_weight / temperature) if wanted[0] else None]
+
+    with zero_gathered([w_s, w_t]):
+        loss_s, (ce, t2s_ce, t2s_acc, *t2s_kd) = fused_linear_loss(
+            student_side, [(h_s, w_s, c_s), (t2s_h, w_s.detach(), None)], objective.chunk)  # as student_space_logits
+        loss_t, (s2t_kd,) = fused_linear_loss(teacher_side, [(s2t_h, w_t, c_t)], objective.chunk)
+    more = {"t2s_acc": t2s_acc} if correct_only else {}
+    return loss_s + loss_t, dual_space_logs(ce, t2s_ce, terms.kd(torch.stack(t2s_kd)), s2t_kd, **more)
 
 
 def _answer_token_embeddings(model: nn.Module, batch, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +183,9 @@ class DSKDCrossModelAttention(FrozenTeacher):
         t2s_hidden = torch.softmax(scores, dim=-1) @ self.t2s(values_t)  # [B, A_s, D_s]
         s2t_hidden = torch.softmax(scores.transpose(1, 2), dim=-1) @ self.s2t(h_s)  # [B, A_t, D_t]
         y = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE]
+        if linear_head(student) and linear_head(self.teacher):
+            return fused_dual_space(self, student, h_s[valid_s], t2s_hidden[valid_s], y, s2t_hidden[valid_t], h_t[valid_t],
+                                    correct_only=True)
 
         def student_side(hs, t2s_h, yy):
             logits_s = project_to_vocab(student, hs)
@@ -157,4 +204,5 @@ class DSKDCrossModelAttention(FrozenTeacher):
 
         ce, t2s_ce, t2s_acc, *t2s_kd = chunked_mean(student_side, (h_s[valid_s], t2s_hidden[valid_s], y), self.chunk)
         s2t_kd = chunked_mean(teacher_side, (s2t_hidden[valid_t], h_t[valid_t]), self.chunk)
-        return dual_space_loss(self.terms, ce, t2s_ce, self.terms.kd(torch.stack(t2s_kd)), s2t_kd, t2s_acc=t2s_acc)
+        t2s_kd = self.terms.kd(torch.stack(t2s_kd))
+        return self.terms.total(ce, t2s_ce + t2s_kd + s2t_kd), dual_space_logs(ce, t2s_ce, t2s_kd, s2t_kd, t2s_acc=t2s_acc)

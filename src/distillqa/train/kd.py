@@ -14,8 +14,9 @@ from torch import nn
 from distillqa.data.prompts import IGNORE
 from distillqa.errors import DistillQAError
 from distillqa.train.losses import LossTerms, chunked_mean
-from distillqa.train.losses.fused import FusedLinearKD
+from distillqa.train.losses.fused import fused_vanilla_kd
 from distillqa.train.objectives import answer_states, causal_lm_parts, linear_head, project_to_vocab
+from distillqa.train.shards import zero_gathered
 
 
 class FrozenTeacher(nn.Module):
@@ -53,7 +54,8 @@ class VanillaKD(FrozenTeacher):
             def teacher_logits(rows: slice) -> torch.Tensor:
                 return project_to_vocab(self.teacher, hidden_t[rows])
 
-            loss, ce, kd = FusedLinearKD.apply(hidden_s, *head, targets, teacher_logits, self.terms, self.chunk)
+            with zero_gathered([head[0]]):
+                loss, ce, kd = fused_vanilla_kd(hidden_s, *head, targets, teacher_logits, self.terms, self.chunk)
             return loss, self.terms.logs(ce, kd)
 
         def per_token(h_s, h_t, y):

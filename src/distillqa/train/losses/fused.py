@@ -1,22 +1,24 @@
-"""Vanilla KD's loss and its gradient in one chunked pass over the answer tokens (fused linear KD).
+"""Losses over heads' logits in one chunked pass, gradients in closed form (fused linear losses).
 
-For N answer tokens with student states h_i, head weight W (logits s_i = W h_i, softcapped where the
-model does), teacher logits t_i, targets y_i and the loss's terms (`LossTerms`: CE weight w_ce,
-divergences D_j with weights w_j and temperatures T_j):
+A fused linear loss takes m heads, each hidden states h_j [N, H_j] through a weight W_j [V_j, H_j] (logits
+z_j = softcapped(h_j W_j^T), where the model softcaps), and a per-chunk function that returns the chunk's loss
+summed over its rows, the sums of the values it logs, and dloss/dz_j in closed form. Chunk by chunk it computes
+each z_j once, the loss and dloss/dz_j, and from them the chunk's share of the gradients w.r.t. h_j
+(dloss/dz_j W_j) and W_j (sum_i dloss/dz_ij^T h_ij) of the mean over the N rows; the backward only scales them.
+Autograd through checkpointed chunks (`chunked_mean`) instead computes the logits twice (forward, then again in
+the backward) and differentiates log_softmax and the divergences op by op, for the same gradients. Peak memory:
+one chunk's logits and gradients, plus the gradients of h_j and W_j (only those that train), which autograd holds
+too. The trick is Liger-Kernel's fused linear cross-entropy.
+
+Vanilla KD (`fused_vanilla_kd`): one head, the student's; with the loss's terms (`LossTerms`: CE weight w_ce,
+divergences D_j with weights w_j and temperatures T_j) and the teacher's logits t_i,
 
     loss = w_ce * 1/N sum_i CE(s_i, y_i) + sum_j w_j * 1/N sum_i D_j(p_ij || q_ij),  p_ij = softmax(t_i / T_j), q_ij = softmax(s_i / T_j)
     dloss/ds_i = [w_ce (softmax(s_i) - onehot(y_i)) + sum_j w_j / T_j * dD_j/dz_ij] / N,  z_ij = s_i / T_j
 
 with dD/dz from each divergence's `value_and_grad`: a closed form for forward KL, reverse KL, JS,
 generalized JSD, total variation and adaptive KL; autograd on one chunk for the skewed KLs and ULD.
-
-The forward computes, chunk by chunk, the student's and the teacher's logits once, the loss, dloss/ds,
-and from it the chunk's share of the gradients w.r.t. h (dloss/ds W) and W (sum_i dloss/ds_i^T h_i);
-the backward only scales them. Autograd through checkpointed chunks (`chunked_mean`) instead computes
-both models' logits twice (forward, then again in the backward) and differentiates log_softmax and the
-divergence op by op, for the same gradients. Peak memory: one chunk's logits and gradient, plus the
-gradients of h [N, H] and of W [V, H] (only when W trains), which autograd holds too. The trick is
-Liger-Kernel's fused linear cross-entropy.
+DSKD's two sides (`dskd.py`) are fused linear losses of two heads and of one.
 """
 
 from __future__ import annotations
@@ -30,57 +32,108 @@ from distillqa.train.losses.base import chunk_slices
 from distillqa.train.losses.terms import LossTerms
 from distillqa.train.objectives import softcapped
 
+# (rows, each head's fp32 logits for those rows, whether each head's gradient is wanted) ->
+# (the loss summed over the rows, the logged values summed over the rows [k], dloss/dz_j per head or None)
+ChunkLoss = Callable[[slice, list[torch.Tensor], list[bool]], tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]]
 
-class FusedLinearKD(torch.autograd.Function):
-    """(loss, CE, the divergences' averages [k]) of the formula above; only the loss is differentiable (CE and
-    the divergences are for the logs)."""
 
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, targets: torch.Tensor,
-                teacher_logits: Callable[[slice], torch.Tensor], terms: LossTerms, chunk: int | None):
-        n, ce_weight = hidden.shape[0], terms.ce_weight
-        count = max(n, 1)  # a process without answer tokens still runs (empty) chunks: chunk_slices
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        sums = torch.zeros(1 + len(terms.divergences), device=hidden.device)  # CE, each divergence
-        for rows in chunk_slices(n, chunk, hidden.device):  # as many chunks in every process (see chunk_slices)
-            h, y = hidden[rows].to(weight.dtype), targets[rows]
-            logits = softcapped(F.linear(h, weight), softcap).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            teacher = teacher_logits(rows)
-            v = min(logits.shape[-1], teacher.shape[-1])  # embedding rows past the tokenizer are padding
-            values, kd_grad = [-logp.gather(-1, y[:, None])[:, 0].sum()], None
-            for w, divergence in zip(terms.weights, terms.divergences):
-                value, grad = divergence.value_and_grad(*log_softmax_pair(logp, logits, teacher, v, divergence.temperature))
-                values.append(value.sum())
-                grad.mul_(w / divergence.temperature)
-                kd_grad = grad if kd_grad is None else kd_grad.add_(grad)
-            sums += torch.stack(values)
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # In place, each a single pass over the chunk's logits (logp is not read again); the 1 / N
-            # is applied to the small products below instead.
-            grad = logp.exp_().mul_(ce_weight)
-            grad[torch.arange(len(y), device=y.device), y] -= ce_weight
-            grad[:, :v].add_(kd_grad)
-            if softcap:  # d(c tanh(x / c))/dx = 1 - (out / c)^2
-                grad *= 1 - (logits / softcap) ** 2
-            grad = grad.to(weight.dtype)
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad @ weight) / count
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T, h, alpha=1 / count)
-        means = sums / count
-        ce, kd_values = means[0], means[1:]
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(ce, kd_values)
-        return terms.total(ce, terms.kd(kd_values)), ce, kd_values
+class FusedLinearLoss(torch.autograd.Function):
+    """(mean loss over the rows, the logged values' means [k]); only the loss is differentiable. `tensors` are
+    h_1, W_1, h_2, W_2, ...; `softcaps` one per head."""
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_loss for g in (grad_hidden, grad_weight)]
-        return *scaled, None, None, None, None, None
+    def forward(ctx, chunk_loss: ChunkLoss, softcaps: list[float | None], chunk: int | None, *tensors: torch.Tensor):
+        hiddens, weights = tensors[0::2], tensors[1::2]
+        needs = ctx.needs_input_grad[3:]
+        grad_hiddens = [torch.empty_like(h) if need else None for h, need in zip(hiddens, needs[0::2])]
+        grad_weights = [torch.zeros_like(w) if need else None for w, need in zip(weights, needs[1::2])]
+        wanted = [gh is not None or gw is not None for gh, gw in zip(grad_hiddens, grad_weights)]
+        n = hiddens[0].shape[0]
+        count = max(n, 1)  # a process without rows still runs (empty) chunks: chunk_slices
+        loss, logged = 0.0, 0.0
+        for rows in chunk_slices(n, chunk, hiddens[0].device):  # as many chunks in every process (see chunk_slices)
+            inputs = [h[rows].to(w.dtype) for h, w in zip(hiddens, weights)]
+            logits = [head_logits(h, w, c) for h, w, c in zip(inputs, weights, softcaps)]
+            chunk_sum, chunk_logged, grads = chunk_loss(rows, logits, wanted)
+            loss, logged = loss + chunk_sum, logged + chunk_logged
+            for j, grad in enumerate(grads):
+                if not wanted[j]:
+                    continue
+                if softcaps[j]:  # d(c tanh(x / c))/dx = 1 - (out / c)^2
+                    grad *= 1 - (logits[j] / softcaps[j]) ** 2
+                grad = grad.to(weights[j].dtype)  # the 1 / N is applied to the small products below
+                if grad_hiddens[j] is not None:
+                    grad_hiddens[j][rows] = (grad @ weights[j]) / count
+                if grad_weights[j] is not None:
+                    grad_weights[j].addmm_(grad.T, inputs[j], alpha=1 / count)
+        ctx.save_for_backward(*(g for pair in zip(grad_hiddens, grad_weights) for g in pair))
+        means = logged / count
+        ctx.mark_non_differentiable(means)
+        return loss / count, means
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logged):
+        return None, None, None, *(None if g is None else g * grad_loss for g in ctx.saved_tensors)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 softcapped(hidden W^T): a head's logits from its weight, not through its module (under ZeRO-3 a module call
+    would partition the weight again when it returns, while the fused loss still uses it)."""
+    return softcapped(F.linear(hidden.to(weight.dtype), weight), softcap).float()
+
+
+def fused_linear_loss(chunk_loss: ChunkLoss, heads: list[tuple[torch.Tensor, torch.Tensor, float | None]],
+                      chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`FusedLinearLoss` over `heads`, each (hidden [N, H_j], weight [V_j, H_j], softcap); a detached weight does not train.
+    Under ZeRO-3 the caller gathers the weights first (`shards.zero_gathered`), before detaching any."""
+    return FusedLinearLoss.apply(chunk_loss, [c for _, _, c in heads], chunk, *(t for h, w, _ in heads for t in (h, w)))
+
+
+def ce_and_divergences(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, terms: LossTerms,
+                       want_grad: bool, row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sums over the rows of CE and of each divergence D_j(teacher || student) times `row_weight` [1 + k], the gradient
+    w.r.t. `logits` of w_ce * CE + sum_j w_j * row_weight * D_j summed over the rows, or None without `want_grad`)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    v = min(logits.shape[-1], teacher.shape[-1])  # embedding rows past the tokenizer are padding
+    values, kd_grad = [-logp.gather(-1, targets[:, None])[:, 0].sum()], None
+    for w, divergence in zip(terms.weights, terms.divergences):
+        value, grad = divergence.value_and_grad(*log_softmax_pair(logp, logits, teacher, v, divergence.temperature))
+        if row_weight is not None:
+            value, grad = value * row_weight, grad.mul_(row_weight[:, None])
+        values.append(value.sum())
+        grad.mul_(w / divergence.temperature)
+        kd_grad = grad if kd_grad is None else kd_grad.add_(grad)
+    if not want_grad:
+        return torch.stack(values), None
+    # In place, each a single pass over the chunk's logits (logp is not read again).
+    grad = logp.exp_().mul_(terms.ce_weight)
+    grad[torch.arange(len(targets), device=targets.device), targets] -= terms.ce_weight
+    grad[:, :v].add_(kd_grad)
+    return torch.stack(values), grad
+
+
+def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
+    """(CE per row, its gradient softmax(logits) - onehot(targets) w.r.t. `logits`, or None without `want_grad`)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    ce = -logp.gather(-1, targets[:, None])[:, 0]
+    if not want_grad:
+        return ce, None
+    grad = logp.exp_()
+    grad[torch.arange(len(targets), device=targets.device), targets] -= 1
+    return ce, grad
+
+
+def fused_vanilla_kd(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, targets: torch.Tensor,
+                     teacher_logits: Callable[[slice], torch.Tensor], terms: LossTerms, chunk: int | None):
+    """(loss, CE, the divergences' averages [k]) of vanilla KD (the formula above); `teacher_logits(rows)` gives the
+    teacher's logits of those rows."""
+
+    def chunk_loss(rows, logits, wanted):
+        values, grad = ce_and_divergences(logits[0], targets[rows], teacher_logits(rows), terms, wanted[0])
+        return terms.total(values[0], terms.kd(values[1:])), values, [grad]
+
+    loss, means = fused_linear_loss(chunk_loss, [(hidden, weight, softcap)], chunk)
+    return loss, means[0], means[1:]
 
 
 def log_softmax_pair(logp: torch.Tensor, logits: torch.Tensor, teacher: torch.Tensor, v: int, temperature: float):
