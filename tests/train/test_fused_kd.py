@@ -11,7 +11,7 @@ from distillqa.config import KDConfig, LoraConfig
 from distillqa.models.lora import apply_lora
 from distillqa.train import dskd
 from distillqa.train.distill import make_loss_terms
-from distillqa.train.kd import VanillaKD
+from distillqa.train.kd import ULD, VanillaKD
 from distillqa.train.losses import DIVERGENCES, LossTerms
 from distillqa.train.objectives import answer_states, project_to_vocab
 
@@ -150,10 +150,10 @@ def test_kd_rate_zero_is_cross_entropy_alone_with_the_divergence_logged():
     assert loss.item() == pytest.approx(logs["ce"]) and logs["kd"] > 0
 
 
-def cma_batch() -> dict[str, torch.Tensor]:
-    """The student's rows of `batch_with_prompts_and_padding`, and the teacher's own: 10 tokens of a 70-token vocabulary,
-    answers of 4, 2 and 0 tokens."""
-    teacher = padded_batch(70, 10, [(5, 9), (3, 5), (10, 10)], seed=1)
+def cma_batch(teacher_answers=((5, 9), (3, 5), (10, 10))) -> dict[str, torch.Tensor]:
+    """The student's rows of `batch_with_prompts_and_padding` (answers of 5, 3 and 0 tokens), and the teacher's own:
+    10 tokens of a 70-token vocabulary, answers at `teacher_answers` (by default 4, 2 and 0 tokens)."""
+    teacher = padded_batch(70, 10, list(teacher_answers), seed=1)
     return {**batch_with_prompts_and_padding(), **{f"teacher_{k}": v for k, v in teacher.items()}}
 
 
@@ -203,3 +203,20 @@ def test_fused_dskd_equals_its_autograd_path(algorithm, chunk, tied, softcap, mo
     assert {"t2s.weight", "s2t.weight"} <= fused[2].keys() and ("query.weight" in fused[2]) == cma
     if cma:
         assert 0 < fused[1]["t2s_acc"] < 1 and fused[1]["t2s_kd"] > 0
+
+
+@pytest.mark.parametrize("teacher_answers", [((5, 9), (3, 5), (10, 10)), ((2, 9), (1, 9), (10, 10))],
+                         ids=["teacher-shorter", "teacher-longer"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_fused_uld_equals_its_autograd_path(chunk, softcap, teacher_answers, monkeypatch):
+    """CE over all the student's answer tokens, ULD over the pairs only (i-th with i-th, up to the shorter answer)."""
+    student, teacher = tiny_llama(0, False, softcap=softcap), tiny_llama(1, True, vocab=70, softcap=softcap, hidden=24)
+    loss_terms = make_loss_terms(KDConfig(losses=[{"name": "ce", "weight": 0.4}, {"name": "uld", "weight": 0.6, "temperature": 2.0}]))
+    objective, batch = ULD(teacher, loss_terms, chunk), cma_batch(teacher_answers)
+    fused = loss_and_grads(student, lambda: objective(student, batch)[0])
+    fused_logs = objective(student, batch)[1]
+    monkeypatch.setattr("distillqa.train.kd.linear_head", lambda model: None)  # the autograd path
+    assert_same(fused, loss_and_grads(student, lambda: objective(student, batch)[0]))
+    for name, value in objective(student, batch)[1].items():
+        assert fused_logs[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

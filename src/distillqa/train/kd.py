@@ -14,7 +14,7 @@ from torch import nn
 from distillqa.data.prompts import IGNORE
 from distillqa.errors import DistillQAError
 from distillqa.train.losses import LossTerms, chunked_mean
-from distillqa.train.losses.fused import fused_vanilla_kd
+from distillqa.train.losses.fused import ce_and_divergences, fused_linear_loss, fused_vanilla_kd, head_logits
 from distillqa.train.objectives import answer_states, causal_lm_parts, linear_head, project_to_vocab
 from distillqa.train.shards import zero_gathered
 
@@ -121,7 +121,8 @@ class ULD(FrozenTeacher):
     of the teacher (each tokenised by its own tokenizer), up to the shorter of the two answers.
 
     loss = w_ce * CE(student, all answer tokens) + sum_i w_i * mean over pairs of D_i, with `terms`'
-    divergences vocabulary-free (the ULD distance, `losses/uld.py`: no token correspondence needed).
+    divergences vocabulary-free (the ULD distance, `losses/uld.py`: no token correspondence needed). With plain
+    linear heads on both models a fused step (`fused`), else autograd through checkpointed chunks; the same result.
     """
 
     def __init__(self, teacher: nn.Module, terms: LossTerms, chunk: int | None):
@@ -133,6 +134,8 @@ class ULD(FrozenTeacher):
         with torch.no_grad():
             h_t, valid_t, _ = aligned_answer_states(self.teacher, batch, "teacher_")
         targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE]
+        if linear_head(student) and linear_head(self.teacher):
+            return self.fused(student, h_s, valid_s, h_t, valid_t, targets)
         ce = chunked_mean(lambda h, y: F.cross_entropy(project_to_vocab(student, h), y, reduction="none"),
                           (h_s[valid_s], targets), self.chunk)
         width = min(h_s.shape[1], h_t.shape[1])
@@ -145,3 +148,23 @@ class ULD(FrozenTeacher):
 
         kd = chunked_mean(per_token, (h_s[:, :width][pair], h_t[:, :width][pair]), self.chunk)
         return self.terms.combine(ce, kd)
+
+    def fused(self, student, h_s, valid_s, h_t, valid_t, targets):
+        """One fused linear loss over the student's answer tokens (`losses/fused.py`): CE on every one, the divergences
+        on those with a teacher partner, weighted N / (number of pairs) so that they average over the pairs."""
+        (w_s, c_s), (w_t, c_t) = linear_head(student), linear_head(self.teacher)
+        extra = h_s.shape[1] - h_t.shape[1]  # the teacher's answers padded to the student's width: no partner there
+        h_t, valid_t = F.pad(h_t, (0, 0, 0, max(extra, 0))), F.pad(valid_t, (0, max(extra, 0)))
+        rows, positions = valid_s.nonzero(as_tuple=True)  # the order of h_s[valid_s]
+        paired = valid_t[rows, positions].float()
+        partners, weight = h_t[rows, positions], paired * len(paired) / paired.sum().clamp_min(1)
+
+        def chunk_loss(rows, logits, wanted):
+            teacher = head_logits(partners[rows], w_t, c_t)
+            values, grad = ce_and_divergences(logits[0], targets[rows], teacher, self.terms, wanted[0], weight[rows],
+                                              same_vocabulary=False)
+            return self.terms.total(values[0], self.terms.kd(values[1:])), values, [grad]
+
+        with zero_gathered([w_s, w_t]):
+            loss, means = fused_linear_loss(chunk_loss, [(h_s[valid_s], w_s, c_s)], self.chunk)
+        return loss, self.terms.logs(means[0], means[1:])

@@ -18,7 +18,8 @@ divergences D_j with weights w_j and temperatures T_j) and the teacher's logits 
 
 with dD/dz from each divergence's `value_and_grad`: a closed form for forward KL, reverse KL, JS,
 generalized JSD, total variation and adaptive KL; autograd on one chunk for the skewed KLs and ULD.
-DSKD's two sides (`dskd.py`) are fused linear losses of two heads and of one.
+ULD (`kd.ULD`) is the same over the student's answer tokens, its divergences weighted by whether a token has a teacher
+partner; DSKD's two sides (`dskd.py`) are fused linear losses of two heads and of one.
 """
 
 from __future__ import annotations
@@ -90,14 +91,19 @@ def fused_linear_loss(chunk_loss: ChunkLoss, heads: list[tuple[torch.Tensor, tor
 
 
 def ce_and_divergences(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, terms: LossTerms,
-                       want_grad: bool, row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       want_grad: bool, row_weight: torch.Tensor | None = None,
+                       same_vocabulary: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sums over the rows of CE and of each divergence D_j(teacher || student) times `row_weight` [1 + k], the gradient
-    w.r.t. `logits` of w_ce * CE + sum_j w_j * row_weight * D_j summed over the rows, or None without `want_grad`)."""
+    w.r.t. `logits` of w_ce * CE + sum_j w_j * row_weight * D_j summed over the rows, or None without `want_grad`).
+    With `same_vocabulary` the divergences see the first min(V_student, V_teacher) tokens of both (the rest are
+    embedding rows past a tokenizer); without, each side whole (vocabulary-free divergences: ULD)."""
     logp = torch.log_softmax(logits, dim=-1)
-    v = min(logits.shape[-1], teacher.shape[-1])  # embedding rows past the tokenizer are padding
+    v = min(logits.shape[-1], teacher.shape[-1]) if same_vocabulary else logits.shape[-1]
     values, kd_grad = [-logp.gather(-1, targets[:, None])[:, 0].sum()], None
     for w, divergence in zip(terms.weights, terms.divergences):
-        value, grad = divergence.value_and_grad(*log_softmax_pair(logp, logits, teacher, v, divergence.temperature))
+        pair = (log_softmax_pair(logp, logits, teacher, v, divergence.temperature) if same_vocabulary else
+                (torch.log_softmax(logits / divergence.temperature, -1), torch.log_softmax(teacher / divergence.temperature, -1)))
+        value, grad = divergence.value_and_grad(*pair)
         if row_weight is not None:
             value, grad = value * row_weight, grad.mul_(row_weight[:, None])
         values.append(value.sum())
