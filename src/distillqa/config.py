@@ -346,10 +346,10 @@ class CacheSettings(Section):
         "topk", description="`topk`: the k most likely tokens and the log of the remaining mass (a tail bucket); "
         "`sampling`: `samples` tokens drawn from the teacher with replacement, with weights count / samples "
         "(an unbiased forward-KL target, Anshumann et al. 2025).")
-    k: int = Field(16, ge=1, description="topk: tokens kept per answer token (16 x (4 + 2) + 4 = 100 bytes at float16, plus 8 per example).")
+    k: int = Field(16, ge=1, description="topk: tokens kept per answer token (16 x (4 + 2) + 2 = 98 bytes at float16, plus 4 per example).")
     samples: int = Field(32, ge=1, le=4096, description="sampling: draws per answer token.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Storage type of the log-probabilities "
-                                                              "(the tail is always float32).")
+                                                              "and of the log tail mass.")
     shard_examples: int = Field(256, ge=1, description="Training examples per shard (the unit written, checked and resumed).")
     batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
     seed: int = Field(0, description="Seed of the sampling draws (per example, so a resumed cache is identical).")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distillqa.train.losses import DIVERGENCES, GeneralizedJSD, chunked_mean
 
@@ -67,6 +68,20 @@ def test_values_and_gradients_match_the_formula(name):
     (g_got,) = torch.autograd.grad(got.sum(), s)
     (g_want,) = torch.autograd.grad(want.sum(), s)
     torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("widths", [(11, 30), (30, 11)], ids=["teacher-wider", "student-wider"])
+def test_uld_between_two_vocabulary_sizes_is_the_padded_sorted_formula(widths):
+    """ULD sorts only the smaller width's worth of the wider side (topk) and adds the rest of its mass."""
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(6, widths[0], generator=g, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(6, widths[1], generator=g, dtype=torch.float64) * 3
+    got = DIVERGENCES["uld"](temperature=T)(s, t)
+    p, q = (torch.softmax(x / T, -1).sort(-1, descending=True).values for x in (t, s))
+    width = max(widths)
+    want = (F.pad(p, (0, width - p.shape[-1])) - F.pad(q, (0, width - q.shape[-1]))).abs().sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), s)[0], torch.autograd.grad(want.sum(), s)[0], rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(DIVERGENCES))

@@ -5,9 +5,9 @@ that vanilla KD trains without loading it (`kd.teacher_cache`).
       plan.json                   what is cached (teacher, tokenizer and dataset hashes, prompt, method,
                                   k or samples, dtype, shards): written first, a rerun must match it
       shards/NNNNN.safetensors    examples [start, end) of the encoded training split: `offsets`
-                                  [n + 1] (answer-token rows per example), `ids` int32 and `logp`
-                                  (log-softmax at temperature 1) [T, k], and `log_tail` float32 [T]
-                                  (log of 1 - the kept mass; topk) or `count` int16 [T, samples] (sampling)
+                                  int32 [n + 1] (answer-token rows per example), `ids` int32 and `logp`
+                                  (log-softmax at temperature 1, in `dtype`) [T, k], and `log_tail` [T] in
+                                  `dtype` (log of 1 - the kept mass; topk) or `count` int16 [T, samples] (sampling)
       manifest.json               the plan, the vocabulary size and each shard's sha256: written last,
                                   so its presence means the cache is complete
 
@@ -138,8 +138,10 @@ def shard_tensors(teacher, examples: list[Encoded], first: int, settings: CacheS
         counts += per_example
         bar.update(len(chunk))
     tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-    tensors["logp"] = tensors["logp"].to(DTYPES[settings.dtype])
-    tensors["offsets"] = torch.tensor([0, *counts]).cumsum(0)
+    for key in ("logp", "log_tail"):  # the tail as precise as the kept log-probabilities (and 2 bytes a token at 16 bits)
+        if key in tensors:
+            tensors[key] = tensors[key].to(DTYPES[settings.dtype])
+    tensors["offsets"] = torch.tensor([0, *counts]).cumsum(0).int()
     return tensors
 
 
