@@ -12,7 +12,7 @@ from distillqa.models.lora import apply_lora
 from distillqa.train import dskd
 from distillqa.train.distill import make_loss_terms
 from distillqa.train.kd import ULD, VanillaKD
-from distillqa.train.losses import DIVERGENCES, LossTerms
+from distillqa.train.losses import DIVERGENCES, LossTerms, fused
 from distillqa.train.objectives import answer_states, project_to_vocab
 
 KD_RATE = 0.3
@@ -220,3 +220,15 @@ def test_fused_uld_equals_its_autograd_path(chunk, softcap, teacher_answers, mon
     assert_same(fused, loss_and_grads(student, lambda: objective(student, batch)[0]))
     for name, value in objective(student, batch)[1].items():
         assert fused_logs[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_chunks_of_a_wider_vocabulary_hold_proportionally_fewer_rows(monkeypatch):
+    assert fused.rows_per_chunk(128, 49152) == 128 and fused.rows_per_chunk(128, 262144) == 32
+    assert fused.rows_per_chunk(None, 262144) is None and fused.rows_per_chunk(2, 10**6) == 1
+    monkeypatch.setattr(fused, "WIDE_VOCABULARY", 50)  # so that the tiny teacher's 70 tokens count as wide
+    seen, original = [], fused.chunk_slices
+    monkeypatch.setattr(fused, "chunk_slices", lambda n, chunk, device: seen.append(chunk) or original(n, chunk, device))
+    student, teacher = tiny_llama(0, False), tiny_llama(1, True, vocab=70, hidden=24)
+    ULD(teacher, make_loss_terms(KDConfig(divergence="uld")), 4)(student, cma_batch())  # the teacher's logits are 70 wide
+    VanillaKD(tiny_llama(1, True), terms("forward_kl"), 4)(student, batch_with_prompts_and_padding())  # 50 wide
+    assert seen == [2, 4]

@@ -55,7 +55,8 @@ class VanillaKD(FrozenTeacher):
                 return project_to_vocab(self.teacher, hidden_t[rows])
 
             with zero_gathered([head[0]]):
-                loss, ce, kd = fused_vanilla_kd(hidden_s, *head, targets, teacher_logits, self.terms, self.chunk)
+                loss, ce, kd = fused_vanilla_kd(hidden_s, *head, targets, teacher_logits,
+                                                causal_lm_parts(self.teacher)[1].out_features, self.terms, self.chunk)
             return loss, self.terms.logs(ce, kd)
 
         def per_token(h_s, h_t, y):
@@ -166,5 +167,5 @@ class ULD(FrozenTeacher):
             return self.terms.total(values[0], self.terms.kd(values[1:])), values, [grad]
 
         with zero_gathered([w_s, w_t]):
-            loss, means = fused_linear_loss(chunk_loss, [(h_s[valid_s], w_s, c_s)], self.chunk)
+            loss, means = fused_linear_loss(chunk_loss, [(h_s[valid_s], w_s, c_s)], self.chunk, w_t.shape[0])
         return loss, self.terms.logs(means[0], means[1:])

@@ -83,11 +83,25 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | Non
     return softcapped(F.linear(hidden.to(weight.dtype), weight), softcap).float()
 
 
+WIDE_VOCABULARY = 65536
+
+
+def rows_per_chunk(chunk: int | None, vocabulary: int) -> int | None:
+    """`chunk` rows for vocabularies up to 65,536 tokens, proportionally fewer for wider ones (a quarter at Gemma's 262k),
+    so that a chunk's logits never take more memory than `chunk` rows of a 65k vocabulary would: with 128 rows of 262k
+    logits DSKD-CMA and ULD held 1.11-1.15x their floor's peak memory, with 32 rows 1.00x (benchmarks/kd_step.py)."""
+    return None if chunk is None else max(1, min(chunk, chunk * WIDE_VOCABULARY // vocabulary))
+
+
 def fused_linear_loss(chunk_loss: ChunkLoss, heads: list[tuple[torch.Tensor, torch.Tensor, float | None]],
-                      chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk: int | None, other_vocabulary: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`FusedLinearLoss` over `heads`, each (hidden [N, H_j], weight [V_j, H_j], softcap); a detached weight does not train.
-    Under ZeRO-3 the caller gathers the weights first (`shards.zero_gathered`), before detaching any."""
-    return FusedLinearLoss.apply(chunk_loss, [c for _, _, c in heads], chunk, *(t for h, w, _ in heads for t in (h, w)))
+    `chunk` rows at a time (`rows_per_chunk` of the widest vocabulary among the heads' and `other_vocabulary`, the width
+    of logits `chunk_loss` computes itself, a teacher's). Under ZeRO-3 the caller gathers the weights first
+    (`shards.zero_gathered`), before detaching any."""
+    widest = max(other_vocabulary, *(w.shape[0] for _, w, _ in heads))
+    return FusedLinearLoss.apply(chunk_loss, [c for _, _, c in heads], rows_per_chunk(chunk, widest),
+                                 *(t for h, w, _ in heads for t in (h, w)))
 
 
 def ce_and_divergences(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, terms: LossTerms,
@@ -130,15 +144,16 @@ def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_gra
 
 
 def fused_vanilla_kd(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, targets: torch.Tensor,
-                     teacher_logits: Callable[[slice], torch.Tensor], terms: LossTerms, chunk: int | None):
+                     teacher_logits: Callable[[slice], torch.Tensor], teacher_vocabulary: int, terms: LossTerms,
+                     chunk: int | None):
     """(loss, CE, the divergences' averages [k]) of vanilla KD (the formula above); `teacher_logits(rows)` gives the
-    teacher's logits of those rows."""
+    teacher's logits of those rows, `teacher_vocabulary` wide."""
 
     def chunk_loss(rows, logits, wanted):
         values, grad = ce_and_divergences(logits[0], targets[rows], teacher_logits(rows), terms, wanted[0])
         return terms.total(values[0], terms.kd(values[1:])), values, [grad]
 
-    loss, means = fused_linear_loss(chunk_loss, [(hidden, weight, softcap)], chunk)
+    loss, means = fused_linear_loss(chunk_loss, [(hidden, weight, softcap)], chunk, teacher_vocabulary)
     return loss, means[0], means[1:]
 
 
