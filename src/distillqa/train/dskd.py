@@ -110,12 +110,12 @@ def fused_dual_space(objective: nn.Module, student: nn.Module, h_s, t2s_h, y, s2
 
     def student_side(rows, logits, wanted):
         s, a, yy = *logits, y[rows]
-        correct = (a.argmax(-1) == yy).float()
-        values, grad_s = ce_and_divergences(s, yy, a, terms, wanted[0], correct if correct_only else None)
-        t2s_ce, grad_a = cross_entropy_and_grad(a, yy, wanted[1])
+        correct = (a.argmax(-1) == yy).float() if correct_only else None  # CMA's mask (and its logged accuracy)
+        values, grad_s = ce_and_divergences(s, yy, a, terms, wanted[0], correct)
+        t2s_ce, grad_a = cross_entropy_and_grad(a, yy, wanted[1], kd_weight)
         loss = terms.total(values[0], t2s_ce.sum() + terms.kd(values[1:]))
-        return loss, torch.cat([values[:1], t2s_ce.sum()[None], correct.sum()[None], values[1:]]), [
-            grad_s, None if grad_a is None else grad_a.mul_(kd_weight)]
+        accuracy = correct.sum() if correct_only else torch.zeros((), device=s.device)
+        return loss, torch.cat([values[:1], t2s_ce.sum()[None], accuracy[None], values[1:]]), [grad_s, grad_a]
 
     def teacher_side(rows, logits, wanted):
         temperature = teacher_kl.temperature

@@ -125,22 +125,24 @@ def ce_and_divergences(logits: torch.Tensor, targets: torch.Tensor, teacher: tor
         kd_grad = grad if kd_grad is None else kd_grad.add_(grad)
     if not want_grad:
         return torch.stack(values), None
-    # In place, each a single pass over the chunk's logits (logp is not read again).
-    grad = logp.exp_().mul_(terms.ce_weight)
-    grad[torch.arange(len(targets), device=targets.device), targets] -= terms.ce_weight
+    grad = ce_grad_(logp, targets, terms.ce_weight)  # logp is not read again
     grad[:, :v].add_(kd_grad)
     return torch.stack(values), grad
 
 
-def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
-    """(CE per row, its gradient softmax(logits) - onehot(targets) w.r.t. `logits`, or None without `want_grad`)."""
+def ce_grad_(logp: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight * (softmax - onehot(targets)), the gradient of weight * CE w.r.t. the logits, formed in place of their
+    log-softmax `logp` (a single pass over the chunk's logits)."""
+    grad = logp.exp_().mul_(weight)
+    grad[torch.arange(len(targets), device=targets.device), targets] -= weight
+    return grad
+
+
+def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool, weight: float = 1.0):
+    """(CE per row, the gradient of weight * CE w.r.t. `logits`, or None without `want_grad`)."""
     logp = torch.log_softmax(logits, dim=-1)
     ce = -logp.gather(-1, targets[:, None])[:, 0]
-    if not want_grad:
-        return ce, None
-    grad = logp.exp_()
-    grad[torch.arange(len(targets), device=targets.device), targets] -= 1
-    return ce, grad
+    return ce, ce_grad_(logp, targets, weight) if want_grad else None
 
 
 def fused_vanilla_kd(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, targets: torch.Tensor,
