@@ -73,11 +73,19 @@ def assert_same(got, want):
         torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.fixture(params=[None, 3], ids=["chunk-at-once", "blocks-of-3"])
+def block(request, monkeypatch):
+    """Rows per `chunk_loss` call: a chunk's at once (the tiny vocabularies' CPU block), or 3, so that the blocks cut
+    a whole batch (chunk None) unevenly."""
+    if request.param:
+        monkeypatch.setattr(fused, "block_rows", lambda device, vocabulary, chunk_rows: request.param)
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("chunk", [None, 2])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("name", list(DIVERGENCES))
-def test_fused_step_equals_autograd_through_the_formula(name, temperature, chunk, tied):
+def test_fused_step_equals_autograd_through_the_formula(name, temperature, chunk, tied, block):
     student, teacher = tiny_llama(0, tied), tiny_llama(1, tied)
     loss = terms(name, temperature)
     batch = batch_with_prompts_and_padding()
@@ -89,7 +97,7 @@ def test_fused_step_equals_autograd_through_the_formula(name, temperature, chunk
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
-def test_fused_step_with_softcapped_logits_and_a_padded_teacher_vocabulary(name):
+def test_fused_step_with_softcapped_logits_and_a_padded_teacher_vocabulary(name, block):
     student, teacher = tiny_llama(0, tied=False, softcap=3.0), tiny_llama(1, tied=True, vocab=56, softcap=3.0)
     loss = terms(name, 2.0)
     batch = batch_with_prompts_and_padding()
@@ -175,7 +183,7 @@ def with_some_targets_predicted(objective, student, batch):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("chunk", [None, 2])
 @pytest.mark.parametrize("algorithm", ["dskd", "dskd-cma"])
-def test_fused_dskd_equals_its_autograd_path(algorithm, chunk, tied, softcap, monkeypatch):
+def test_fused_dskd_equals_its_autograd_path(algorithm, chunk, tied, softcap, block, monkeypatch):
     """Loss, every logged part, and the gradients of the student and of the projectors (and CMA's query)."""
     cma = algorithm == "dskd-cma"
     student = tiny_llama(0, tied, softcap=softcap)
@@ -209,7 +217,7 @@ def test_fused_dskd_equals_its_autograd_path(algorithm, chunk, tied, softcap, mo
                          ids=["teacher-shorter", "teacher-longer"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_fused_uld_equals_its_autograd_path(chunk, softcap, teacher_answers, monkeypatch):
+def test_fused_uld_equals_its_autograd_path(chunk, softcap, teacher_answers, block, monkeypatch):
     """CE over all the student's answer tokens, ULD over the pairs only (i-th with i-th, up to the shorter answer)."""
     student, teacher = tiny_llama(0, False, softcap=softcap), tiny_llama(1, True, vocab=70, softcap=softcap, hidden=24)
     loss_terms = make_loss_terms(KDConfig(losses=[{"name": "ce", "weight": 0.4}, {"name": "uld", "weight": 0.6, "temperature": 2.0}]))

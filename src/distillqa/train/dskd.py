@@ -33,7 +33,7 @@ from torch import nn
 from distillqa.data.prompts import IGNORE
 from distillqa.train.kd import FrozenTeacher, aligned_answer_states, pack_rows
 from distillqa.train.losses import ForwardKL, LossTerms, chunked_mean
-from distillqa.train.losses.fused import ce_and_divergences, cross_entropy_and_grad, fused_linear_loss, head_logits
+from distillqa.train.losses.fused import ce_and_divergences, cross_entropy_and_grad, fused_linear_loss
 from distillqa.train.objectives import answer_states, causal_lm_parts, linear_head, project_to_vocab
 from distillqa.train.shards import zero_gathered
 
@@ -119,14 +119,14 @@ def fused_dual_space(objective: nn.Module, student: nn.Module, h_s, t2s_h, y, s2
 
     def teacher_side(rows, logits, wanted):
         temperature = teacher_kl.temperature
-        teacher_logp = torch.log_softmax(head_logits(h_t[rows], w_t, c_t) / temperature, dim=-1)
+        teacher_logp = torch.log_softmax(logits[1] / temperature, dim=-1)
         value, grad = teacher_kl.value_and_grad(torch.log_softmax(logits[0] / temperature, dim=-1), teacher_logp)
-        return kd_weight * value.sum(), value.sum()[None], [grad.mul_(kd_weight / temperature) if wanted[0] else None]
+        return kd_weight * value.sum(), value.sum()[None], [grad.mul_(kd_weight / temperature) if wanted[0] else None, None]
 
     with zero_gathered([w_s, w_t]):
         loss_s, (ce, t2s_ce, t2s_acc, *t2s_kd) = fused_linear_loss(
             student_side, [(h_s, w_s, c_s), (t2s_h, w_s.detach(), None)], objective.chunk)  # as student_space_logits
-        loss_t, (s2t_kd,) = fused_linear_loss(teacher_side, [(s2t_h, w_t, c_t)], objective.chunk)
+        loss_t, (s2t_kd,) = fused_linear_loss(teacher_side, [(s2t_h, w_t, c_t), (h_t, w_t, c_t)], objective.chunk)
     more = {"t2s_acc": t2s_acc} if correct_only else {}
     return loss_s + loss_t, dual_space_logs(ce, t2s_ce, terms.kd(torch.stack(t2s_kd)), s2t_kd, **more)
 

@@ -14,7 +14,7 @@ from torch import nn
 from distillqa.data.prompts import IGNORE
 from distillqa.errors import DistillQAError
 from distillqa.train.losses import LossTerms, chunked_mean
-from distillqa.train.losses.fused import ce_and_divergences, fused_linear_loss, fused_vanilla_kd, head_logits
+from distillqa.train.losses.fused import ce_and_divergences, fused_linear_loss, fused_vanilla_kd
 from distillqa.train.objectives import answer_states, causal_lm_parts, linear_head, project_to_vocab
 from distillqa.train.shards import zero_gathered
 
@@ -49,14 +49,10 @@ class VanillaKD(FrozenTeacher):
         hidden_s, targets = answer_states(student, batch)
         with torch.no_grad():
             hidden_t, _ = answer_states(self.teacher, batch)
-        head = linear_head(student)
-        if head is not None:
-            def teacher_logits(rows: slice) -> torch.Tensor:
-                return project_to_vocab(self.teacher, hidden_t[rows])
-
-            with zero_gathered([head[0]]):
-                loss, ce, kd = fused_vanilla_kd(hidden_s, *head, targets, teacher_logits,
-                                                causal_lm_parts(self.teacher)[1].out_features, self.terms, self.chunk)
+        if linear_head(student) and linear_head(self.teacher):
+            (w_s, c_s), (w_t, c_t) = linear_head(student), linear_head(self.teacher)
+            with zero_gathered([w_s, w_t]):
+                loss, ce, kd = fused_vanilla_kd((hidden_s, w_s, c_s), targets, (hidden_t, w_t, c_t), self.terms, self.chunk)
             return loss, self.terms.logs(ce, kd)
 
         def per_token(h_s, h_t, y):
@@ -161,11 +157,10 @@ class ULD(FrozenTeacher):
         partners, weight = h_t[rows, positions], paired * len(paired) / paired.sum().clamp_min(1)
 
         def chunk_loss(rows, logits, wanted):
-            teacher = head_logits(partners[rows], w_t, c_t)
-            values, grad = ce_and_divergences(logits[0], targets[rows], teacher, self.terms, wanted[0], weight[rows],
+            values, grad = ce_and_divergences(logits[0], targets[rows], logits[1], self.terms, wanted[0], weight[rows],
                                               same_vocabulary=False)
-            return self.terms.total(values[0], self.terms.kd(values[1:])), values, [grad]
+            return self.terms.total(values[0], self.terms.kd(values[1:])), values, [grad, None]
 
         with zero_gathered([w_s, w_t]):
-            loss, means = fused_linear_loss(chunk_loss, [(h_s[valid_s], w_s, c_s)], self.chunk, w_t.shape[0])
+            loss, means = fused_linear_loss(chunk_loss, [(h_s[valid_s], w_s, c_s), (partners, w_t, c_t)], self.chunk)
         return loss, self.terms.logs(means[0], means[1:])

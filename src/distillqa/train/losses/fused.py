@@ -40,7 +40,13 @@ ChunkLoss = Callable[[slice, list[torch.Tensor], list[bool]], tuple[torch.Tensor
 
 class FusedLinearLoss(torch.autograd.Function):
     """(mean loss over the rows, the logged values' means [k]); only the loss is differentiable. `tensors` are
-    h_1, W_1, h_2, W_2, ...; `softcaps` one per head."""
+    h_1, W_1, h_2, W_2, ...; `softcaps` one per head. A head whose h_j and W_j both need no gradient only gives logits
+    (a frozen teacher's).
+
+    Each chunk's logits are one product per head, written into a buffer reused by every chunk (a fresh [chunk, V]
+    tensor per chunk costs its page faults again on CPU); `chunk_loss` then runs on blocks of `block_rows` rows, which
+    on CPU stay in cache through its passes, and each block's gradient goes into the chunk's gradient buffer, from which
+    one product per trained tensor takes the chunk's share."""
 
     @staticmethod
     def forward(ctx, chunk_loss: ChunkLoss, softcaps: list[float | None], chunk: int | None, *tensors: torch.Tensor):
@@ -51,18 +57,31 @@ class FusedLinearLoss(torch.autograd.Function):
         wanted = [gh is not None or gw is not None for gh, gw in zip(grad_hiddens, grad_weights)]
         n = hiddens[0].shape[0]
         count = max(n, 1)  # a process without rows still runs (empty) chunks: chunk_slices
+        slices = chunk_slices(n, chunk, hiddens[0].device)  # as many chunks in every process (see chunk_slices)
+        size = slices[0].stop - slices[0].start
+        logit_buffers = [hiddens[0].new_empty(size, w.shape[0], dtype=torch.float32) for w in weights]
+        grad_buffers = [torch.empty_like(b) if want else None for b, want in zip(logit_buffers, wanted)]
+        block = block_rows(hiddens[0].device, max(w.shape[0] for w in weights), size)
         loss, logged = 0.0, 0.0
-        for rows in chunk_slices(n, chunk, hiddens[0].device):  # as many chunks in every process (see chunk_slices)
+        for rows in slices:
             inputs = [h[rows].to(w.dtype) for h, w in zip(hiddens, weights)]
-            logits = [head_logits(h, w, c) for h, w, c in zip(inputs, weights, softcaps)]
-            chunk_sum, chunk_logged, grads = chunk_loss(rows, logits, wanted)
-            loss, logged = loss + chunk_sum, logged + chunk_logged
-            for j, grad in enumerate(grads):
+            m = len(inputs[0])
+            logits = [head_logits(x, w, c, b[:m]) for x, w, c, b in zip(inputs, weights, softcaps, logit_buffers)]
+            for start in range(0, max(m, 1), block):
+                part = slice(start, start + block)
+                block_sum, block_logged, grads = chunk_loss(slice(rows.start + start, rows.start + min(start + block, m)),
+                                                            [z[part] for z in logits], wanted)
+                loss, logged = loss + block_sum, logged + block_logged
+                for j, grad in enumerate(grads):
+                    if not wanted[j]:
+                        continue
+                    if softcaps[j]:  # d(c tanh(x / c))/dx = 1 - (out / c)^2
+                        grad *= 1 - (logits[j][part] / softcaps[j]) ** 2
+                    grad_buffers[j][start : start + len(grad)].copy_(grad)
+            for j in range(len(weights)):
                 if not wanted[j]:
                     continue
-                if softcaps[j]:  # d(c tanh(x / c))/dx = 1 - (out / c)^2
-                    grad *= 1 - (logits[j] / softcaps[j]) ** 2
-                grad = grad.to(weights[j].dtype)  # the 1 / N is applied to the small products below
+                grad = grad_buffers[j][:m].to(weights[j].dtype)  # the 1 / N is applied to the small products below
                 if grad_hiddens[j] is not None:
                     grad_hiddens[j][rows] = (grad @ weights[j]) / count
                 if grad_weights[j] is not None:
@@ -77,10 +96,25 @@ class FusedLinearLoss(torch.autograd.Function):
         return None, None, None, *(None if g is None else g * grad_loss for g in ctx.saved_tensors)
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """fp32 softcapped(hidden W^T): a head's logits from its weight, not through its module (under ZeRO-3 a module call
-    would partition the weight again when it returns, while the fused loss still uses it)."""
-    return softcapped(F.linear(hidden.to(weight.dtype), weight), softcap).float()
+CACHE_BLOCK = 2**20
+
+
+def block_rows(device: torch.device, vocabulary: int, chunk_rows: int) -> int:
+    """Rows of a chunk that `chunk_loss` takes at a time: on CPU about 2^20 logits (4 MiB in fp32, 21 rows of a 49k
+    vocabulary), so its passes over a block run in cache (a KD step's loss passes took about 3x less time so than over
+    128 rows at once, the chunk's gradient buffer copy included); on a GPU the whole chunk, one launch per op."""
+    if device.type == "cuda":
+        return max(chunk_rows, 1)
+    return max(1, CACHE_BLOCK // max(vocabulary, 1))
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, out: torch.Tensor) -> torch.Tensor:
+    """fp32 softcapped(hidden W^T) into `out`: a head's logits from its weight, not through its module (under ZeRO-3 a
+    module call would partition the weight again when it returns, while the fused loss still uses it)."""
+    if weight.dtype != torch.float32:
+        return out.copy_(softcapped(F.linear(hidden, weight), softcap))
+    torch.mm(hidden, weight.T, out=out)
+    return out.div_(softcap).tanh_().mul_(softcap) if softcap else out
 
 
 WIDE_VOCABULARY = 65536
@@ -94,12 +128,11 @@ def rows_per_chunk(chunk: int | None, vocabulary: int) -> int | None:
 
 
 def fused_linear_loss(chunk_loss: ChunkLoss, heads: list[tuple[torch.Tensor, torch.Tensor, float | None]],
-                      chunk: int | None, other_vocabulary: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`FusedLinearLoss` over `heads`, each (hidden [N, H_j], weight [V_j, H_j], softcap); a detached weight does not train.
-    `chunk` rows at a time (`rows_per_chunk` of the widest vocabulary among the heads' and `other_vocabulary`, the width
-    of logits `chunk_loss` computes itself, a teacher's). Under ZeRO-3 the caller gathers the weights first
-    (`shards.zero_gathered`), before detaching any."""
-    widest = max(other_vocabulary, *(w.shape[0] for _, w, _ in heads))
+                      chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`FusedLinearLoss` over `heads`, each (hidden [N, H_j], weight [V_j, H_j], softcap); a detached weight does not train,
+    and a head of which neither trains only gives its logits. `chunk` rows at a time (`rows_per_chunk` of the widest
+    head). Under ZeRO-3 the caller gathers the weights first (`shards.zero_gathered`), before detaching any."""
+    widest = max(w.shape[0] for _, w, _ in heads)
     return FusedLinearLoss.apply(chunk_loss, [c for _, _, c in heads], rows_per_chunk(chunk, widest),
                                  *(t for h, w, _ in heads for t in (h, w)))
 
@@ -145,17 +178,16 @@ def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_gra
     return ce, ce_grad_(logp, targets, weight) if want_grad else None
 
 
-def fused_vanilla_kd(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, targets: torch.Tensor,
-                     teacher_logits: Callable[[slice], torch.Tensor], teacher_vocabulary: int, terms: LossTerms,
-                     chunk: int | None):
-    """(loss, CE, the divergences' averages [k]) of vanilla KD (the formula above); `teacher_logits(rows)` gives the
-    teacher's logits of those rows, `teacher_vocabulary` wide."""
+def fused_vanilla_kd(student: tuple[torch.Tensor, torch.Tensor, float | None], targets: torch.Tensor,
+                     teacher: tuple[torch.Tensor, torch.Tensor, float | None], terms: LossTerms, chunk: int | None):
+    """(loss, CE, the divergences' averages [k]) of vanilla KD (the formula above); `student` and `teacher` are heads
+    (hidden [N, H], weight [V, H], softcap), the teacher's frozen."""
 
     def chunk_loss(rows, logits, wanted):
-        values, grad = ce_and_divergences(logits[0], targets[rows], teacher_logits(rows), terms, wanted[0])
-        return terms.total(values[0], terms.kd(values[1:])), values, [grad]
+        values, grad = ce_and_divergences(logits[0], targets[rows], logits[1], terms, wanted[0])
+        return terms.total(values[0], terms.kd(values[1:])), values, [grad, None]
 
-    loss, means = fused_linear_loss(chunk_loss, [(hidden, weight, softcap)], chunk, teacher_vocabulary)
+    loss, means = fused_linear_loss(chunk_loss, [student, teacher], chunk)
     return loss, means[0], means[1:]
 
 
