@@ -35,10 +35,10 @@ class FrozenTeacher(nn.Module):
 class VanillaKD(FrozenTeacher):
     """KD terms D_i(p_teacher || q_student) averaged over answer tokens, both models tokenised identically.
 
-    loss = w_ce * CE(student) + sum_i w_i * D_i (`terms`), `chunk` answer tokens at a time. A student whose head is a
-    plain linear layer (`linear_head`) takes the fused step (`losses/fused.py`: each chunk's logits once,
-    gradients in closed form); one with an adapter or bias on its head, autograd through checkpointed
-    chunks (`chunked_mean`). Both give the same loss and gradients.
+    loss = w_ce * CE(student) + sum_i w_i * D_i (`terms`), `chunk` answer tokens at a time. Where both heads are plain
+    linear layers (`linear_head`) the fused step (`losses/fused.py`: each chunk's logits once, gradients in closed
+    form); where either carries an adapter or a bias, autograd through checkpointed chunks (`chunked_mean`). Both
+    give the same loss and gradients.
     """
 
     def __init__(self, teacher: nn.Module, terms: LossTerms, chunk: int | None):
