@@ -70,8 +70,8 @@ class FusedLinearLoss(torch.autograd.Function):
             m = len(inputs[0])
             logits = [head_logits(x, w, c, b[:m]) for x, w, c, b in zip(inputs, weights, softcaps, logit_buffers)]
             for start in range(0, max(m, 1), block):
-                part = slice(start, start + block)
-                block_sum, block_logged, grads = chunk_loss(slice(rows.start + start, rows.start + min(start + block, m)),
+                part = slice(start, min(start + block, m))  # of the chunk; of all rows:
+                block_sum, block_logged, grads = chunk_loss(slice(rows.start + part.start, rows.start + part.stop),
                                                             [z[part] for z in logits], wanted)
                 loss, logged = loss + block_sum, logged + block_logged
                 for j, grad in enumerate(grads):
@@ -79,7 +79,7 @@ class FusedLinearLoss(torch.autograd.Function):
                         continue
                     if softcaps[j]:  # d(c tanh(x / c))/dx = 1 - (out / c)^2
                         grad *= 1 - (logits[j][part] / softcaps[j]) ** 2
-                    grad_buffers[j][start : start + len(grad)].copy_(grad)
+                    grad_buffers[j][part].copy_(grad)
             for j in range(len(weights)):
                 if not wanted[j]:
                     continue
