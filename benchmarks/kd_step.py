@@ -4,7 +4,7 @@ For each (teacher, algorithm) and each answer length (192 tokens per row: the lo
 rationales and explanations; 32: short answers) it prints: teacher forward (no grad, answer logits
 included), student SFT step (forward, backward, optimizer; LoRA r=16, or all weights with --full), KD step
 (the KD objective: teacher forward + student step), and the peak memory of each. Ratios:
-  time   = median KD step / median (teacher forward + SFT step)
+  time   = median KD step / median (teacher forward + SFT step), and the lowest and highest of each round's own ratio
   memory = KD peak / peak of (teacher forward, then SFT step, in one process)
 For vanilla KD, with TRL installed (`pip install -e '.[bench]'`), the same step with TRL's
 `DistillationTrainer` loss (`_chunked_divergence_loss`, the function its `compute_loss` calls: generalized
@@ -184,7 +184,8 @@ def main() -> None:
           f"medians of {a.steps} interleaved rounds after 1 warm-up")
     if "vanilla" in a.algorithms and not with_trl("vanilla"):
         print("TRL is not installed (pip install -e '.[bench]'): no TRL column")
-    print(f"{'teacher':13s} {'algorithm':9s} {'answer':>6s} {'T fwd s':>7s} {'SFT s':>6s} {'KD s':>6s} {'time x':>6s} | "
+    print(f"{'teacher':13s} {'algorithm':9s} {'answer':>6s} {'T fwd s':>7s} {'SFT s':>6s} {'KD s':>6s} {'time x':>6s} "
+          f"{'rounds x':>9s} | "
           f"{'floor MiB':>9s} {'KD MiB':>7s} {'mem x':>6s} | {'TRL s':>6s} {'TRL x':>6s}")
     for algorithm in a.algorithms:
         for answer_tokens in a.answer_tokens:
@@ -192,10 +193,11 @@ def main() -> None:
             floor_s = [t + f for t, f in zip(s["teacher"], s["sft"])]
             floor, kd = (child(algorithm, str(answer_tokens), phase) for phase in ("floor", "kd"))
             teacher_s, sft_s, kd_s = (statistics.median(s[name]) for name in ("teacher", "sft", "kd"))
+            rounds = [k / f for k, f in zip(s["kd"], floor_s)]  # each round's KD step / its floor: the spread the medians hide
             trl = (f"{statistics.median(s['trl']):6.2f} {statistics.median(s['trl']) / statistics.median(floor_s):6.2f}"
                    if "trl" in s else f"{'-':>6s} {'-':>6s}")
             print(f"{TEACHERS[algorithm]:13s} {algorithm:9s} {answer_tokens:6d} {teacher_s:7.2f} {sft_s:6.2f} {kd_s:6.2f} "
-                  f"{kd_s / statistics.median(floor_s):6.2f} | {floor['peak_mib']:9.0f} {kd['peak_mib']:7.0f} "
+                  f"{kd_s / statistics.median(floor_s):6.2f} {min(rounds):4.2f}-{max(rounds):4.2f} | {floor['peak_mib']:9.0f} {kd['peak_mib']:7.0f} "
                   f"{kd['peak_mib'] / floor['peak_mib']:6.2f} | {trl}")
     print(f"device: {kd['device']}")
 
