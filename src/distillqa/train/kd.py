@@ -49,8 +49,9 @@ class VanillaKD(FrozenTeacher):
         hidden_s, targets = answer_states(student, batch)
         with torch.no_grad():
             hidden_t, _ = answer_states(self.teacher, batch)
-        if linear_head(student) and linear_head(self.teacher):
-            (w_s, c_s), (w_t, c_t) = linear_head(student), linear_head(self.teacher)
+        heads = linear_head(student), linear_head(self.teacher)
+        if all(heads):
+            (w_s, c_s), (w_t, c_t) = heads
             with zero_gathered([w_s, w_t]):
                 loss, ce, kd = fused_vanilla_kd((hidden_s, w_s, c_s), targets, (hidden_t, w_t, c_t), self.terms, self.chunk)
             return loss, self.terms.logs(ce, kd)

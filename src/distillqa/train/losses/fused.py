@@ -12,8 +12,8 @@ too. The trick is Liger-Kernel's fused linear cross-entropy. On CPU two more thi
 themselves: the logits go into buffers that every chunk reuses (a fresh tensor per chunk pays its page faults
 again), and `chunk_loss` runs on blocks of rows small enough to stay in cache through its passes.
 
-Vanilla KD (`fused_vanilla_kd`): one head, the student's; with the loss's terms (`LossTerms`: CE weight w_ce,
-divergences D_j with weights w_j and temperatures T_j) and the teacher's logits t_i,
+Vanilla KD (`fused_vanilla_kd`): two heads, the student's (trains) and the teacher's (logits t_i only); with the
+loss's terms (`LossTerms`: CE weight w_ce, divergences D_j with weights w_j and temperatures T_j),
 
     loss = w_ce * 1/N sum_i CE(s_i, y_i) + sum_j w_j * 1/N sum_i D_j(p_ij || q_ij),  p_ij = softmax(t_i / T_j), q_ij = softmax(s_i / T_j)
     dloss/ds_i = [w_ce (softmax(s_i) - onehot(y_i)) + sum_j w_j / T_j * dD_j/dz_ij] / N,  z_ij = s_i / T_j
@@ -21,7 +21,8 @@ divergences D_j with weights w_j and temperatures T_j) and the teacher's logits 
 with dD/dz from each divergence's `value_and_grad`: a closed form for forward KL, reverse KL, JS,
 generalized JSD, total variation and adaptive KL; autograd on one chunk for the skewed KLs and ULD.
 ULD (`kd.ULD`) is the same over the student's answer tokens, its divergences weighted by whether a token has a teacher
-partner; DSKD's two sides (`dskd.py`) are fused linear losses of two heads and of one.
+partner; DSKD's two sides (`dskd.py`) are fused linear losses of two heads each (the teacher side's second head
+giving the teacher's logits).
 """
 
 from __future__ import annotations
