@@ -1,20 +1,23 @@
 """What a teacher cache keeps of the teacher, what it costs on disk, and what KD from it saves, on the bundled sample.
 
-For top-k (k = 8, 32, 128; a tail bucket) and sampling (`--samples` draws), over the answer tokens of
-the first `--examples` training questions:
+For top-k (k = 8, 32, 128; a tail bucket), top-k with draws from the tail (k = 8, 8 draws: the same
+16 columns as k = 16) and sampling (`--samples` draws), over the answer tokens of the first `--examples`
+training questions:
   KL(p||p^)   reconstruction: p^ = the kept probabilities, the tail spread evenly over the other
-              tokens (sampling keeps no tail: infinite)
-  KL(p^||p)   the other direction (finite for both: sampling's p^ = draw counts / draws)
+              tokens (top-k with draws: p^ = the forward-KL weights, kept p_v and p_tail / draws per
+              draw; it and sampling keep no tail: infinite)
+  KL(p^||p)   the other direction (finite for all: sampling's p^ = draw counts / draws)
   KD bias     mean over tokens of (the cached KD term - the full KL(p || q)) for the student q
   bytes/token cache size on disk per answer token; write tok/s: answer tokens cached per second
 Then the size at a 262k vocabulary: the whole training split cached from `gemma3-270m` (262,144 tokens)
-with the default settings (`CacheSettings()`: top-k, k = 16, float16), split into
-  shards       bytes/token of shards/*.safetensors: the payload (ids, logp, log_tail: 16 x 6 + 2 = 98),
+with the default settings (`CacheSettings()`: top-k, k = 8, 8 draws from the tail, float16), split into
+  shards       bytes/token of shards/*.safetensors: the payload (ids, logp, log_tail: (8 + 8) x 6 + 2 = 98),
                the per-example offsets (4 bytes each) and the safetensors header (one per shard)
   directory    bytes/token of the whole cache directory, plan.json and manifest.json included
   write tok/s  answer tokens cached per second (loading the teacher included)
 Then one process times a full-fine-tuning step of the student (`--batch` examples): SFT alone,
-vanilla KD with the live teacher, and KD from the top-k cache (medians of `--steps`, interleaved;
+vanilla KD with the live teacher, and KD from the default cache (forward KL from the kept tokens and
+the tail draws; medians of `--steps`, interleaved;
 `--steps 0` skips it).
 
     python benchmarks/teacher_cache.py [--examples 16] [--batch 4] [--steps 3] [--samples 32]
@@ -25,7 +28,7 @@ or healed first), data, prompt, distillation settings (all weights train, vanill
 kd_rate 0.5) and generation (16 new tokens, greedy): the teacher (`--teacher sft`: `smollm2-135m` LoRA-SFT'd
 with the preset's SFT budget first; `base`: as it is) distils the student twice with the same seed and budget
 (`--quality-steps` steps of `--quality-batch`, lr `--lr`), live and from a cache of it (the default
-settings, or with `--method sampling` `--samples` draws), once per seed of `--seeds`; each student answers the test split (36 questions). It prints
+settings; `--k` and `--tail-samples` change them; `--method sampling`: `--samples` draws), once per seed of `--seeds`; each student answers the test split (36 questions). It prints
   the wall time of each stage
   per seed, ROUGE-L of each student: mean and 95% bootstrap CI (metrics.summary.summarize), and the
   mean difference cache - live with the number of answers that differ
@@ -35,7 +38,8 @@ settings, or with `--method sampling` `--samples` draws), once per seed of `--se
 Runs go to `--out` (resumed there when given again) or a temporary directory.
 
     python benchmarks/teacher_cache.py --quality [--teacher sft|base] [--quality-steps 16] [--quality-batch 4] [--lr 3e-4]
-                                       [--seeds 0 1 2] [--method topk|sampling] [--out DIR]
+                                       [--seeds 0 1 2] [--method topk|sampling] [--k K] [--tail-samples S]
+                                       [--out DIR]
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4, help="--quality: peak learning rate (the quick preset's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="--quality: a live and a cached run per seed (train.seed)")
     ap.add_argument("--method", choices=["topk", "sampling"], default="topk",
-                    help="--quality: the cache's method (topk: the default settings; sampling: --samples draws)")
+                    help="--quality: the cache's method (topk: --k, --tail-samples; sampling: --samples draws)")
+    ap.add_argument("--k", type=int, help="--quality: topk's kept tokens (default: CacheSettings' default)")
+    ap.add_argument("--tail-samples", type=int, help="--quality: topk's draws from the tail (default: CacheSettings' default)")
     ap.add_argument("--out", help="--quality: directory for the runs (kept, resumed); default a temporary directory")
     a = ap.parse_args()
     if a.quality:
@@ -98,13 +104,14 @@ def main() -> None:
     tokens, vocab = logp.shape
     full_kl = (logp.exp() * (logp - logq)).sum(-1)
     print(f"{len(examples)} training questions, {tokens} answer tokens, vocabulary {vocab}; teacher {TEACHER}, student {STUDENT}")
-    print(f"{'option':20s} {'KL(p||p^)':>10s} {'KL(p^||p)':>10s} {'KD bias':>9s} {'bytes/token':>12s} {'write tok/s':>12s}")
+    print(f"{'option':26s} {'KL(p||p^)':>10s} {'KL(p^||p)':>10s} {'KD bias':>9s} {'bytes/token':>12s} {'write tok/s':>12s}")
 
-    options = [("topk", {"k": k}) for k in (8, 32, 128)] + [("sampling", {"samples": a.samples})]
+    options = ([("topk", {"k": k, "tail_samples": 0}) for k in (8, 32, 128)] + [("topk", {"k": 8, "tail_samples": 8})]
+               + [("sampling", {"samples": a.samples})])
     with tempfile.TemporaryDirectory() as tmp:
         caches = {}
         for method, size in options:
-            name = f"{method} " + " ".join(f"{k}={v}" for k, v in size.items())
+            name = f"{method} " + " ".join(f"{k}={v}" for k, v in size.items() if v)
             out = Path(tmp) / name.replace(" ", "-").replace("=", "")
             started = time.perf_counter()
             run_teacher_cache(TeacherCacheConfig(teacher=ModelConfig(name=TEACHER), data=data, prompt=prompt,
@@ -113,7 +120,7 @@ def main() -> None:
             cache = caches[name] = TeacherCache(out)
             rows = [cache[i] for i in range(len(cache))]
             ids, kept = torch.cat([r["ids"] for r in rows]), torch.cat([r["logp"] for r in rows]).float()
-            if method == "topk":
+            if method == "topk" and not size["tail_samples"]:
                 log_tail = torch.cat([r["log_tail"] for r in rows]).float()
                 rest = log_tail - math.log(vocab - ids.shape[1])  # the tail spread evenly
                 p_hat = rest[:, None].expand(-1, vocab).scatter(-1, ids, kept)
@@ -126,21 +133,21 @@ def main() -> None:
             q = p_hat.exp()
             reverse = torch.where(q > 0, q * (p_hat - logp), torch.zeros_like(q)).sum(-1).mean().item()
             size_bytes = sum(f.stat().st_size for f in (out / "shards").iterdir())
-            print(f"{name:20s} {forward:10.4f} {reverse:10.4f} {(bias - full_kl).mean().item():+9.4f} "
+            print(f"{name:26s} {forward:10.4f} {reverse:10.4f} {(bias - full_kl).mean().item():+9.4f} "
                   f"{size_bytes / tokens:12.1f} {tokens / seconds:12.1f}")
         print(f"full KL(p || q) of the student: {full_kl.mean().item():.4f} (the target the KD bias is measured against)")
         large_vocab_size(data.model_copy(update={"max_train_examples": None}), prompt, Path(tmp) / "large-vocab")
 
         if a.steps == 0:
             return
-        cache = caches["topk k=32"]
+        cache = caches["topk k=8 tail_samples=8"]
         items = [(e, i) for i, e in enumerate(examples[: a.batch])]
         live_batch = collate_right([e for e, _ in items], tok.pad_token_id)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
         terms = LossTerms(0.5, [(0.5, ForwardKL())])
         steps = {"sft": (SFTObjective(), lambda: live_batch),
                  "kd live teacher": (VanillaKD(teacher, terms, 32), lambda: live_batch),
-                 "kd from cache": (CachedKD(terms, [TopKTail(terms.divergences[0])], 32),
+                 "kd from cache": (CachedKD(terms, [SampledKL()], 32),
                                    lambda: collate_cached(items, tok.pad_token_id, cache))}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(a.steps + 1):  # the first round warms up
@@ -182,7 +189,7 @@ def large_vocab_size(data, prompt, out: Path) -> None:
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     tokens = sum(len(cache[i]["ids"]) for i in range(len(cache)))
     print(f"{LARGE_VOCAB_TEACHER} (vocabulary {cache.manifest['vocab_size']}), default cache ({settings.method}, "
-          f"k={settings.k}, {settings.dtype}), the whole training split: {len(cache)} questions, {tokens} answer tokens:\n  "
+          f"k={settings.k}, tail_samples={settings.tail_samples}, {settings.dtype}), the whole training split: {len(cache)} questions, {tokens} answer tokens:\n  "
           f"shards {shard_bytes / tokens:.1f} bytes/token (payload {payload / tokens:.1f}, offsets {offsets / tokens:.1f}, "
           f"headers {(shard_bytes - payload - offsets) / tokens:.1f}); whole directory with plan.json and manifest.json "
           f"{total / tokens:.1f} bytes/token; write {tokens / seconds:.1f} tok/s (teacher loading included)")
@@ -232,9 +239,11 @@ def quality(a) -> None:
         sft = SFTConfig(model=teacher, lora=exp.sft.lora, train=exp.sft.train, output_dir=str(out / "teacher-sft"), **shared)
         teacher = ModelConfig(name=str(timed(f"LoRA SFT of the teacher ({exp.sft.train.max_steps} steps of "
                                              f"{exp.sft.train.batch_size})", lambda: run_sft(sft, resume=resumed(out / "teacher-sft")))))
-    settings = CacheSettings(method=a.method, samples=a.samples)
-    cache_dir = out / ("cache" if a.method == "topk" else f"cache-sampling{a.samples}")
-    timed(f"teacher cache ({settings.method}, {f'k={settings.k}' if a.method == 'topk' else f'{a.samples} samples'})",
+    sizes = {"k": a.k, "tail_samples": a.tail_samples} if a.method == "topk" else {"samples": a.samples}
+    settings = CacheSettings(method=a.method, **{k: v for k, v in sizes.items() if v is not None})
+    sizes = {k: getattr(settings, k) for k in sizes}
+    cache_dir = out / "-".join(["cache", a.method, *(f"{k.replace('_', '-')}{v}" for k, v in sizes.items() if v)])
+    timed(f"teacher cache ({settings.method}, {', '.join(f'{k}={v}' for k, v in sizes.items())})",
           lambda: run_teacher_cache(TeacherCacheConfig(teacher=teacher, cache=settings, output_dir=str(cache_dir), **shared)))
     kd = exp.distill.kd.model_copy(update={"algorithm": "vanilla"})
     scores = {}  # (seed, live | cache) -> {question id: ROUGE-L}

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from distillqa.config import GenerateConfig, SFTConfig, load_config
 from distillqa.generate import run_generate
@@ -164,7 +165,8 @@ def test_real_student_trains_and_answers_from_llama2_rationales(tmp_path):
 
 
 def test_kd_from_a_teacher_cache_of_the_real_teacher(tmp_path, monkeypatch):
-    """SmolLM2 cached once (top-16 + tail), then the 15-layer student distilled from the cache without the teacher."""
+    """SmolLM2 cached once (the default: top-8, the tail's mass and 8 draws from it), then the 15-layer student
+    distilled from the cache without the teacher."""
     import distillqa.train.distill as distill
     from distillqa.config import DistillConfig, TeacherCacheConfig
     from distillqa.train.teacher_cache import TeacherCache, run_teacher_cache
@@ -172,7 +174,9 @@ def test_kd_from_a_teacher_cache_of_the_real_teacher(tmp_path, monkeypatch):
     common = ["data.max_train_examples=4", "prompt.max_length=256"]
     cache = run_teacher_cache(load_config(TeacherCacheConfig, None, common + [f"output_dir={tmp_path}/cache"]))
     manifest = TeacherCache(cache).manifest
-    assert manifest["vocab_size"] == 49152 and manifest["k"] == 16 and manifest["examples"] == 4
+    assert manifest["vocab_size"] == 49152 and (manifest["k"], manifest["tail_samples"], manifest["examples"]) == (8, 8, 4)
+    row = TeacherCache(cache)[0]
+    assert row["ids"].shape[1] == 16 and torch.allclose(row["weight"].sum(-1), torch.ones(len(row["ids"])), atol=1e-2)
     real, loaded = distill.load_model, []
     monkeypatch.setattr(distill, "load_model", lambda name, *a: loaded.append(name) or real(name, *a))
     run = distill.run_distill(load_config(DistillConfig, None, common + [

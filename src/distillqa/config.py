@@ -346,13 +346,26 @@ class CacheSettings(Section):
         "topk", description="`topk`: the k most likely tokens and the log of the remaining mass (a tail bucket); "
         "`sampling`: `samples` tokens drawn from the teacher with replacement, with weights count / samples "
         "(an unbiased forward-KL target, Anshumann et al. 2025).")
-    k: int = Field(16, ge=1, description="topk: tokens kept per answer token (16 x (4 + 2) + 2 = 98 bytes at float16, plus 4 per example).")
+    k: int = Field(8, ge=1, description="topk: tokens kept per answer token; with the default 8 draws from the tail "
+                   "(8 + 8) x (4 + 2) + 2 = 98 bytes at float16, plus 4 per example.")
     samples: int = Field(32, ge=1, le=4096, description="sampling: draws per answer token.")
+    tail_samples: int = Field(8, ge=0, le=4096, description="topk: tokens also drawn, with replacement, from the teacher's "
+                              "tail (the tokens not kept), stored like the kept ones (6 bytes each). Forward KL from the cache "
+                              "then weighs the kept tokens p_v and each draw (tail mass) / tail_samples: an unbiased target, "
+                              "as sampling is; other divergences read the kept tokens and the tail bucket only (for them: k 16, "
+                              "tail_samples 0, the same bytes). 0: plain top-k.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Storage type of the log-probabilities "
                                                               "and of the log tail mass.")
     shard_examples: int = Field(256, ge=1, description="Training examples per shard (the unit written, checked and resumed).")
     batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
-    seed: int = Field(0, description="Seed of the sampling draws (per example, so a resumed cache is identical).")
+    seed: int = Field(0, description="Seed of the draws (per example, so a resumed cache is identical).")
+
+    @model_validator(mode="after")
+    def _tail_samples_need_topk(self):
+        if "tail_samples" in self.model_fields_set and self.tail_samples and self.method != "topk":  # not its default
+            raise ValueError("cache.tail_samples: draws from the tail beside the kept tokens are a topk option; "
+                             "with cache.method=sampling every token is drawn (cache.samples)")
+        return self
 
 
 class TeacherCacheConfig(Section):

@@ -15,7 +15,7 @@ from distillqa.data.prompts import collate_right
 from distillqa.errors import ConfigError, DataError, RunDirError
 from distillqa.models.registry import load_model, load_tokenizer
 from distillqa.train import teacher_cache as tc
-from distillqa.train.distill import run_distill
+from distillqa.train.distill import cached_objective, run_distill
 from distillqa.train.kd import CachedKD, VanillaKD
 from distillqa.train.losses import DIVERGENCES, ForwardKL, LossTerms, SampledKL, TopKTail
 from distillqa.train.objectives import answer_states, project_to_vocab
@@ -36,7 +36,7 @@ def distill_cfg(teacher, student, cache, out, *extra):
 
 @pytest.fixture(scope="module")
 def topk_cache(tiny_model, tmp_path_factory):
-    return build(tiny_model, tmp_path_factory.mktemp("c") / "topk", "cache.k=8", "cache.dtype=float32")
+    return build(tiny_model, tmp_path_factory.mktemp("c") / "topk", "cache.k=8", "cache.tail_samples=0", "cache.dtype=float32")
 
 
 def live_logp(model_name, examples):
@@ -65,7 +65,7 @@ def test_cache_holds_the_live_teachers_top_k_and_tail(tiny_model, topk_cache):
 def test_with_k_equal_to_the_vocabulary_cached_kd_is_live_kd(tiny_model, tmp_path, divergence):
     """k = V: the tail is empty, so loss and gradients equal live vanilla KD's."""
     vocab = load_model(tiny_model).get_output_embeddings().weight.shape[0]
-    cache = tc.TeacherCache(build(tiny_model, tmp_path / "full", f"cache.k={vocab}", "cache.dtype=float32"))
+    cache = tc.TeacherCache(build(tiny_model, tmp_path / "full", f"cache.k={vocab}", "cache.tail_samples=0", "cache.dtype=float32"))
     cfg = load_config(TeacherCacheConfig, None, COMMON)
     tok = load_tokenizer(tiny_model)
     examples = tc.encode_train_split(cfg.data, cfg.prompt, tok)[:5]
@@ -85,18 +85,26 @@ def test_with_k_equal_to_the_vocabulary_cached_kd_is_live_kd(tiny_model, tmp_pat
         torch.testing.assert_close(g_cached[name], g_live[name], rtol=1e-4, atol=1e-6)
 
 
-def test_sampled_estimator_is_unbiased_and_top_k_is_not():
+def weights(target: dict, settings: CacheSettings) -> torch.Tensor:
+    """The forward-KL weights the cache reader gives these targets."""
+    if settings.method == "sampling":
+        return target["count"].float() / settings.samples
+    return tc.tail_weights(target["logp"], target["log_tail"], settings.k)
+
+
+@pytest.mark.parametrize("settings", [CacheSettings(method="sampling", samples=8), CacheSettings(k=4, tail_samples=4)],
+                         ids=["sampling", "topk-with-tail-draws"])
+def test_sampled_estimator_is_unbiased_and_top_k_is_not(settings):
     g = torch.Generator().manual_seed(0)
     teacher = torch.log_softmax(torch.randn(4, 50, generator=g) * 2, -1)
     student_logits = (torch.randn(4, 50, generator=g) * 2).requires_grad_(True)
     full = ForwardKL().per_token(torch.log_softmax(student_logits, -1), teacher)
     (full_grad,) = torch.autograd.grad(full.sum(), student_logits)
-    settings = CacheSettings(method="sampling", samples=8)
     draws = 3000
     estimates, grads = [], []
     for seed in range(draws):
         target = tc.sparse_targets(teacher, settings, torch.Generator().manual_seed(seed))
-        kl = SampledKL()(student_logits, target["ids"].long(), target["logp"], target["count"].float() / 8)
+        kl = SampledKL()(student_logits, target["ids"].long(), target["logp"], weights(target, settings))
         estimates.append(kl.detach())
         grads.append(torch.autograd.grad(kl.sum(), student_logits)[0])
     estimates, grads = torch.stack(estimates), torch.stack(grads)
@@ -104,9 +112,49 @@ def test_sampled_estimator_is_unbiased_and_top_k_is_not():
     assert ((estimates.mean(0) - full.detach()).abs() < 4 * stderr).all()
     # grad = q - w, so E[grad] = q - p; tokens too rare to be drawn contribute at most their own p
     assert ((grads.mean(0) - full_grad).abs() < 4 * grads.std(0) / draws**0.5 + 1e-3).all()
-    top = tc.sparse_targets(teacher, CacheSettings(k=4), torch.Generator())
+    top = tc.sparse_targets(teacher, CacheSettings(k=4, tail_samples=0), torch.Generator())
     biased = TopKTail(ForwardKL())(student_logits, top["ids"].long(), top["logp"], top["log_tail"]).detach()
     assert ((full.detach() - biased) > 10 * stderr).all()  # top-k with a tail bucket underestimates
+
+
+def test_tail_draws_follow_the_top_k_cache_and_serve_forward_kl_only(tiny_model, topk_cache, tmp_path):
+    """A top-k cache with tail draws holds the plain top-k cache's columns, then draws from the tail;
+    forward KL reads all of them at their weights, other divergences the kept tokens and the tail bucket."""
+    hybrid = tc.TeacherCache(build(tiny_model, tmp_path / "h", "cache.k=8", "cache.tail_samples=5", "cache.dtype=float32"))
+    plain = tc.TeacherCache(topk_cache)
+    assert hybrid.manifest["tail_samples"] == 5 and "tail_samples" not in plain.manifest
+    for i in range(len(plain)):
+        h, p = hybrid[i], plain[i]
+        assert h["ids"].shape == (len(p["ids"]), 13)
+        assert torch.equal(h["ids"][:, :8], p["ids"]) and torch.equal(h["logp"][:, :8], p["logp"])
+        assert torch.equal(h["log_tail"], p["log_tail"])
+        assert not (h["ids"][:, 8:, None] == h["ids"][:, None, :8]).any()  # draws come from the tail only
+        torch.testing.assert_close(h["weight"].sum(-1), torch.ones(len(p["ids"])), atol=1e-5, rtol=0)
+        torch.testing.assert_close(h["weight"][:, 8:], (p["log_tail"].exp() / 5)[:, None].expand(-1, 5))
+    tok = load_tokenizer(tiny_model)
+    cfg = load_config(TeacherCacheConfig, None, COMMON)
+    items = [(e, i) for i, e in enumerate(tc.encode_train_split(cfg.data, cfg.prompt, tok)[:4])]
+    model = load_model(f"{tiny_model}@layers=every-other")
+    with torch.no_grad():
+        for divergence, estimator in [("forward_kl", SampledKL), ("js", TopKTail)]:
+            kd = distill_cfg(tiny_model, tiny_model, hybrid.path, tmp_path / "kd", f"kd.divergence={divergence}").kd
+            objective = cached_objective(kd, hybrid)
+            assert [type(s) for s in objective.sparse] == [estimator]
+            loss, _ = objective(model, tc.collate_cached(items, tok.pad_token_id, hybrid))
+            plain_loss, _ = cached_objective(kd, plain)(model, tc.collate_cached(items, tok.pad_token_id, plain))
+            if divergence == "js":  # the kept tokens and the bucket: the plain cache's loss
+                torch.testing.assert_close(loss, plain_loss)
+            else:  # an unbiased estimate is not top-k's lower bound
+                assert not torch.allclose(loss, plain_loss)
+
+
+def test_tail_draws_need_a_tail_and_top_k(tiny_model, tmp_path):
+    vocab = len(load_tokenizer(tiny_model))
+    with pytest.raises(ConfigError, match="no tail to draw from"):
+        build(tiny_model, tmp_path / "all", f"cache.k={vocab}", "cache.tail_samples=2")
+    result = CliRunner().invoke(app, ["teacher", "cache", "--set", f"teacher.name={tiny_model}", "--set",
+                                      "cache.method=sampling", "--set", "cache.tail_samples=2"])
+    assert result.exit_code == 2 and "a topk option" in result.output and "Traceback" not in result.output
 
 
 def test_kd_trains_from_the_cache_without_the_teacher(tiny_model, topk_cache, tmp_path, monkeypatch):
@@ -154,8 +202,9 @@ def test_sampling_cache_needs_forward_kl_and_cache_needs_temperature_1(tiny_mode
         distill_cfg(tiny_model, tiny_model, cache, tmp_path / "kd", "kd.algorithm=dskd")
 
 
-def test_a_killed_cache_resumes_and_ends_byte_identical(tiny_model, tmp_path, monkeypatch):
-    args = ("cache.method=sampling", "cache.samples=6")
+@pytest.mark.parametrize("args", [("cache.method=sampling", "cache.samples=6"), ("cache.k=3", "cache.tail_samples=6")],
+                         ids=["sampling", "topk-with-tail-draws"])
+def test_a_killed_cache_resumes_and_ends_byte_identical(tiny_model, tmp_path, monkeypatch, args):
     whole = build(tiny_model, tmp_path / "whole", *args)
     real, calls = tc.shard_tensors, []
 
@@ -180,7 +229,7 @@ def test_a_killed_cache_resumes_and_ends_byte_identical(tiny_model, tmp_path, mo
     for f in files:
         assert (whole / f).read_bytes() == (resumed / f).read_bytes(), f
     with pytest.raises(RunDirError, match="something else"):  # a rerun with other settings is refused
-        build(tiny_model, tmp_path / "killed", "cache.method=sampling", "cache.samples=7")
+        build(tiny_model, tmp_path / "killed", *args, "cache.seed=1")
 
 
 def test_a_damaged_shard_is_refused(tiny_model, tmp_path):

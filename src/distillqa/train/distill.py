@@ -23,7 +23,7 @@ from distillqa.processes import processes, sharded_engine
 from distillqa.train.dskd import DSKD, DSKDCrossModelAttention
 from distillqa.train.kd import ULD, CachedKD, VanillaKD
 from distillqa.train.loop import examples_trained_on, train, validation_examples
-from distillqa.train.losses import DIVERGENCES, LossTerms, SampledKL, TopKTail
+from distillqa.train.losses import DIVERGENCES, ForwardKL, LossTerms, SampledKL, TopKTail
 from distillqa.train.objectives import SFTObjective
 from distillqa.train.onpolicy import OnPolicyKD
 from distillqa.train.run_dir import RunDir, save_final
@@ -61,8 +61,11 @@ def encode_pairs(build_s: PromptBuilder, build_t: PromptBuilder, examples, same_
 
 
 def cached_objective(cfg: KDConfig, cache: TeacherCache) -> CachedKD:
-    terms = make_loss_terms(cfg)
-    if cache.manifest["method"] == "topk":
+    terms, manifest = make_loss_terms(cfg), cache.manifest
+    if manifest["method"] == "topk":
+        if manifest.get("tail_samples"):  # forward KL from every column, unbiased; the rest from the kept tokens
+            return CachedKD(terms, [SampledKL() if isinstance(d, ForwardKL) else TopKTail(d, kept=manifest["k"])
+                                    for d in terms.divergences], cfg.chunk_size)
         return CachedKD(terms, [TopKTail(d) for d in terms.divergences], cfg.chunk_size)
     if other := cfg.divergence_names() - {"forward_kl"}:
         raise ConfigError(f"kd.divergence: a sampling teacher cache is an unbiased target for forward_kl only, not "
@@ -135,7 +138,7 @@ def run_distill_cached(cfg: DistillConfig, resume: bool) -> Path:
     run = open_run(cfg, resume, report, len(examples), len(splits["train"]) - len(examples))
     if run.finished:
         return run.path
-    run.update(teacher_cache={k: cache.manifest.get(k) for k in ("method", "k", "samples", "dtype", "dataset_hash")})
+    run.update(teacher_cache={k: cache.manifest.get(k) for k in ("method", "k", "tail_samples", "samples", "dtype", "dataset_hash")})
     torch.manual_seed(cfg.train.seed)
     student = load_student(cfg)
     width = student.get_output_embeddings().weight.shape[0]

@@ -80,17 +80,19 @@ class CachedKD(nn.Module):
     def __init__(self, terms: LossTerms, sparse: list[nn.Module], chunk: int | None):
         super().__init__()
         self.terms, self.sparse, self.chunk = terms, nn.ModuleList(sparse), chunk
+        self.keys = list(dict.fromkeys(k for s in sparse for k in s.keys))  # every cached tensor a term reads, once
 
     def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]):
         hidden, targets = answer_states(student, batch)
-        cached = tuple(batch[f"cache_{k}"] for k in self.sparse[0].keys)
+        cached = tuple(batch[f"cache_{k}"] for k in self.keys)
         if cached[0].shape[0] != hidden.shape[0]:
             raise DistillQAError(f"the teacher cache holds {cached[0].shape[0]} answer tokens for this batch, the batch "
                                  f"has {hidden.shape[0]}: it was built for other examples")
 
         def per_token(h, y, *target):
-            logits = project_to_vocab(student, h)
-            return torch.stack([F.cross_entropy(logits, y, reduction="none"), *(s(logits, *target) for s in self.sparse)], dim=-1)
+            logits, named = project_to_vocab(student, h), dict(zip(self.keys, target))
+            kd = (s(logits, *(named[k] for k in s.keys)) for s in self.sparse)
+            return torch.stack([F.cross_entropy(logits, y, reduction="none"), *kd], dim=-1)
 
         ce, *kd = chunked_mean(per_token, (hidden, targets, *cached), self.chunk)
         return self.terms.combine(ce, torch.stack(kd))

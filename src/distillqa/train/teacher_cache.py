@@ -7,7 +7,9 @@ that vanilla KD trains without loading it (`kd.teacher_cache`).
       shards/NNNNN.safetensors    examples [start, end) of the encoded training split: `offsets`
                                   int32 [n + 1] (answer-token rows per example), `ids` int32 and `logp`
                                   (log-softmax at temperature 1, in `dtype`) [T, k], and `log_tail` [T] in
-                                  `dtype` (log of 1 - the kept mass; topk) or `count` int16 [T, samples] (sampling)
+                                  `dtype` (log of 1 - the kept mass; topk) or `count` int16 [T, samples] (sampling);
+                                  with topk's tail_samples, `ids` and `logp` [T, k + tail_samples]: the kept
+                                  tokens, then the draws from the tail in the order drawn
       manifest.json               the plan, the vocabulary size and each shard's sha256: written last,
                                   so its presence means the cache is complete
 
@@ -63,7 +65,10 @@ def encode_train_split(cfg_data, cfg_prompt, tok) -> list[Encoded]:
 
 
 def cache_plan(teacher: str, tok, prompt, data, examples: list[Encoded], settings: CacheSettings) -> dict:
-    size = {"k": settings.k} if settings.method == "topk" else {"samples": settings.samples, "seed": settings.seed}
+    if settings.method == "sampling":
+        size = {"samples": settings.samples, "seed": settings.seed}
+    else:  # a plain top-k cache's plan names no draws, so caches built before tail_samples existed still match
+        size = {"k": settings.k, **({"tail_samples": settings.tail_samples, "seed": settings.seed} if settings.tail_samples else {})}
     return {"format": FORMAT, "teacher": teacher, "tokenizer_hash": tokenizer_hash(tok), "dataset_hash": dataset_hash(examples),
             "prompt": prompt.model_dump(mode="json"), "data": data.model_dump(mode="json"), "method": settings.method,
             **size, "dtype": settings.dtype, "examples": len(examples), "shard_examples": settings.shard_examples}
@@ -88,6 +93,9 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> Path:
                         "tokens) even without its context; raise prompt.max_length")
     if cfg.cache.method == "topk" and cfg.cache.k > len(tok):
         raise ConfigError(f"cache.k: {cfg.cache.k} is more than the teacher's {len(tok)} tokens")
+    if cfg.cache.method == "topk" and cfg.cache.tail_samples and cfg.cache.k >= len(tok):
+        raise ConfigError(f"cache.tail_samples: cache.k={cfg.cache.k} keeps every one of the teacher's {len(tok)} tokens, "
+                          "so there is no tail to draw from; set cache.tail_samples=0")
     out, plan = Path(cfg.output_dir), cache_plan(cfg.teacher.name, tok, cfg.prompt, cfg.data, examples, cfg.cache)
     check_claimed_dir(out, "plan.json", "teacher cache")
     with file_lock(out / ".lock"):  # a second builder waits, then finds the shards written
@@ -147,10 +155,14 @@ def shard_tensors(teacher, examples: list[Encoded], first: int, settings: CacheS
 
 def sparse_targets(logp: torch.Tensor, settings: CacheSettings, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Per row of teacher log-probabilities [n, V]: the kept ids and their log-probabilities, and the
-    log tail mass (topk) or the draw counts (sampling)."""
+    log tail mass (topk; followed by the draws from the tail with tail_samples) or the draw counts (sampling)."""
     if settings.method == "topk":
         kept, ids = logp.topk(settings.k, dim=-1)
-        log_tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)  # -inf when every token is kept
+        tail = logp.scatter(-1, ids, float("-inf"))
+        log_tail = tail.logsumexp(-1)  # -inf when every token is kept
+        if settings.tail_samples:  # softmax renormalises the tail stably, however little mass it has
+            draws = torch.multinomial(tail.softmax(-1), settings.tail_samples, replacement=True, generator=generator)
+            ids, kept = torch.cat([ids, draws], -1), torch.cat([kept, logp.gather(-1, draws)], -1)
         return {"ids": ids.int(), "logp": kept, "log_tail": log_tail}
     draws = torch.multinomial(logp.exp(), settings.samples, replacement=True, generator=generator)
     counts = torch.zeros_like(logp).scatter_add_(-1, draws, torch.ones_like(draws, dtype=logp.dtype))
@@ -202,7 +214,8 @@ class TeacherCache:
         return self.open_shards[n]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        """Example `index`'s targets: ids (long), logp [A, k], and log_tail [A] or weight [A, samples]."""
+        """Example `index`'s targets: ids (long), logp [A, k], and log_tail [A] or weight [A, samples]; with
+        tail draws ids and logp [A, k + tail_samples], log_tail, and the weight of each column (`tail_weights`)."""
         if not 0 <= index < len(self):
             raise IndexError(index)
         n = bisect.bisect_right(self.starts, index) - 1
@@ -212,7 +225,17 @@ class TeacherCache:
         row["ids"] = row["ids"].long()
         if "count" in row:
             row["weight"] = row.pop("count").float() / self.manifest["samples"]
+        if self.manifest.get("tail_samples"):
+            row["weight"] = tail_weights(row["logp"], row["log_tail"], self.manifest["k"])
         return row
+
+
+def tail_weights(logp: torch.Tensor, log_tail: torch.Tensor, k: int) -> torch.Tensor:
+    """Weights [A, k + S] of a top-k cache with S tail draws: p_v for the k kept tokens, p_tail / S for
+    each draw. A tail token's expected weight is S x (p_v / p_tail) x p_tail / S = p_v, and each row's
+    weights sum to 1, so `SampledKL` over them is an unbiased forward KL."""
+    draws = logp.shape[-1] - k
+    return torch.cat([logp[:, :k].float().exp(), (log_tail.float().exp() / draws)[:, None].expand(-1, draws)], -1)
 
 
 def short(value) -> str:

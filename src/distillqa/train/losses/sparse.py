@@ -20,16 +20,18 @@ class TopKTail(nn.Module):
     p' = (p_v1, ..., p_vk, 1 - sum_i p_vi) and q' = (q_v1, ..., q_vk, 1 - sum_i q_vi), q = softmax(student
     logits); D is any `Divergence` (its `per_token` on the k + 1 log-probabilities). With k = V the
     tail is empty and this is D(p || q) exactly. For k < V it does not see how the student spreads
-    the tail mass, so it is biased low (for an f-divergence D(p' || q') <= D(p || q)).
+    the tail mass, so it is biased low (for an f-divergence D(p' || q') <= D(p || q)). With `kept`
+    only the first `kept` columns are the top k (a cache with tail draws after them).
     """
 
     keys = ("ids", "logp", "log_tail")
 
-    def __init__(self, divergence: Divergence):
+    def __init__(self, divergence: Divergence, kept: int | None = None):
         super().__init__()
-        self.divergence = divergence
+        self.divergence, self.kept = divergence, kept
 
     def forward(self, student_logits, ids, teacher_logp, teacher_log_tail):
+        ids, teacher_logp = ids[:, : self.kept], teacher_logp[:, : self.kept]
         logq = torch.log_softmax(student_logits.float(), dim=-1)
         # The student's tail: its mass on the tokens not kept (finite even when every token is kept).
         rest = logq.scatter(-1, ids, torch.finfo(logq.dtype).min)
@@ -43,7 +45,8 @@ class SampledKL(nn.Module):
 
     x_1, ..., x_S ~ p with replacement; w_v = count(v) / S; KL^ = sum_v w_v (log p_v - log q_v).
     E[w_v] = p_v, so E[KL^] = KL(p || q) and E[grad KL^] = grad KL(p || q): unbiased, where top-k is
-    not. Unused slots (fewer than S distinct tokens drawn) have w = 0.
+    not. Unused slots (fewer than S distinct tokens drawn) have w = 0. Any weights with E[w_v] = p_v
+    serve, such as a top-k cache's kept tokens at w = p_v and draws from its tail at w = p_tail / S.
     """
 
     keys = ("ids", "logp", "weight")
