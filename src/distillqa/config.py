@@ -343,7 +343,8 @@ class CacheSettings(Section):
     """What a teacher cache stores per answer token (`distillqa teacher cache`, `grid.teacher_cache`)."""
 
     method: Literal["topk", "sampling"] = Field(
-        "topk", description="`topk`: the k most likely tokens and the log of the remaining mass (a tail bucket); "
+        "topk", description="`topk`: the k most likely tokens, the log of the remaining mass (a tail bucket) and "
+        "`tail_samples` draws from that remaining mass; "
         "`sampling`: `samples` tokens drawn from the teacher with replacement, with weights count / samples "
         "(an unbiased forward-KL target, Anshumann et al. 2025).")
     k: int = Field(8, ge=1, description="topk: tokens kept per answer token; with the default 8 draws from the tail "
@@ -359,13 +360,6 @@ class CacheSettings(Section):
     shard_examples: int = Field(256, ge=1, description="Training examples per shard (the unit written, checked and resumed).")
     batch_size: int = Field(8, ge=1, description="Examples per teacher forward pass.")
     seed: int = Field(0, description="Seed of the draws (per example, so a resumed cache is identical).")
-
-    @model_validator(mode="after")
-    def _tail_samples_need_topk(self):
-        if "tail_samples" in self.model_fields_set and self.tail_samples and self.method != "topk":  # not its default
-            raise ValueError("cache.tail_samples: draws from the tail beside the kept tokens are a topk option; "
-                             "with cache.method=sampling every token is drawn (cache.samples)")
-        return self
 
 
 class TeacherCacheConfig(Section):

@@ -21,7 +21,7 @@ from distillqa.errors import ConfigError, DistillQAError, RunDirError
 from distillqa.exp_dir import check_config, experiment_lock
 from distillqa.experiment.config import ExperimentConfig
 from distillqa.experiment.grid import plan_hypotheses, plan_rows
-from distillqa.experiment.runner import run_experiment
+from distillqa.experiment.runner import may_change, run_experiment
 
 
 def tiny_grid(student: str, same: str, other: str, out: Path) -> dict:
@@ -146,6 +146,11 @@ def test_second_runner_and_changed_config_are_refused(grid_cfg, tmp_path):
     check_config(exp, cfg.model_copy(update={"stats": cfg.stats.model_copy(update={"test": "ttest"})}))  # stats may change
     with pytest.raises(RunDirError, match=r"different config \(data.max_eval_examples\)"):
         check_config(exp, cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_eval_examples": 5})}))
+    other_cache = cfg.distill.model_copy(update={"cache": cfg.distill.cache.model_copy(update={"k": 16})})
+    check_config(exp, cfg.model_copy(update={"distill": other_cache}), mutable=may_change(cfg))  # no cache built: unused
+    caching = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"teacher_cache": True})})
+    with pytest.raises(RunDirError, match=r"different config \(distill.cache.k, grid.teacher_cache\)"):
+        check_config(exp, caching, mutable=may_change(caching))  # the k = 16 written above differs once caches are built
 
 
 def outputs(exp: Path) -> dict[str, str]:

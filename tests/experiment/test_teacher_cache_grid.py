@@ -41,6 +41,10 @@ def test_each_teacher_state_is_cached_once_and_read_by_its_cells(tiny_model, tmp
     built.clear()
     run_experiment(grid(tiny_model, tmp_path / "exp"), echo=lambda msg: None)  # a rerun finds everything done
     assert built == []
+    settings = grid(tiny_model, tmp_path / "exp").distill.cache
+    assert tc.cache_finished(cache, settings)
+    for other in ({"k": 4}, {"tail_samples": 0}, {"seed": 1}, {"dtype": "float32"}):  # not this grid's cache: built again
+        assert not tc.cache_finished(cache, settings.model_copy(update=other)), other
 
 
 def test_grid_cache_refuses_a_temperature_or_divergence_it_cannot_serve(tiny_model, tmp_path):

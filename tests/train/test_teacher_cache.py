@@ -4,6 +4,7 @@ the sampled estimator's unbiasedness, refusals, resumption after a kill, damaged
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_sampled_estimator_is_unbiased_and_top_k_is_not(settings):
     assert ((full.detach() - biased) > 10 * stderr).all()  # top-k with a tail bucket underestimates
 
 
-def test_tail_draws_follow_the_top_k_cache_and_serve_forward_kl_only(tiny_model, topk_cache, tmp_path):
+def test_tail_draws_follow_the_top_k_cache_and_serve_forward_kl_only(tiny_model, topk_cache, tmp_path, caplog):
     """A top-k cache with tail draws holds the plain top-k cache's columns, then draws from the tail;
     forward KL reads all of them at their weights, other divergences the kept tokens and the tail bucket."""
     hybrid = tc.TeacherCache(build(tiny_model, tmp_path / "h", "cache.k=8", "cache.tail_samples=5", "cache.dtype=float32"))
@@ -138,8 +139,10 @@ def test_tail_draws_follow_the_top_k_cache_and_serve_forward_kl_only(tiny_model,
     with torch.no_grad():
         for divergence, estimator in [("forward_kl", SampledKL), ("js", TopKTail)]:
             kd = distill_cfg(tiny_model, tiny_model, hybrid.path, tmp_path / "kd", f"kd.divergence={divergence}").kd
-            objective = cached_objective(kd, hybrid)
+            with caplog.at_level(logging.WARNING):
+                objective = cached_objective(kd, hybrid)
             assert [type(s) for s in objective.sparse] == [estimator]
+            assert ("cache.k=13, cache.tail_samples=0" in caplog.text) == (divergence == "js")
             loss, _ = objective(model, tc.collate_cached(items, tok.pad_token_id, hybrid))
             plain_loss, _ = cached_objective(kd, plain)(model, tc.collate_cached(items, tok.pad_token_id, plain))
             if divergence == "js":  # the kept tokens and the bucket: the plain cache's loss
@@ -148,13 +151,14 @@ def test_tail_draws_follow_the_top_k_cache_and_serve_forward_kl_only(tiny_model,
                 assert not torch.allclose(loss, plain_loss)
 
 
-def test_tail_draws_need_a_tail_and_top_k(tiny_model, tmp_path):
-    vocab = len(load_tokenizer(tiny_model))
-    with pytest.raises(ConfigError, match="no tail to draw from"):
-        build(tiny_model, tmp_path / "all", f"cache.k={vocab}", "cache.tail_samples=2")
-    result = CliRunner().invoke(app, ["teacher", "cache", "--set", f"teacher.name={tiny_model}", "--set",
-                                      "cache.method=sampling", "--set", "cache.tail_samples=2"])
-    assert result.exit_code == 2 and "a topk option" in result.output and "Traceback" not in result.output
+def test_tail_draws_need_a_tail_and_sampling_ignores_them(tiny_model, tmp_path):
+    vocab = load_model(tiny_model).get_output_embeddings().weight.shape[0]
+    result = CliRunner().invoke(app, ["teacher", "cache", *[x for c in [f"teacher.name={tiny_model}", f"cache.k={vocab}",
+                                                                        f"output_dir={tmp_path / 'all'}", *COMMON] for x in ("--set", c)]])
+    assert result.exit_code == 2 and "no tail to draw from" in result.output and "Traceback" not in result.output
+    dumped = load_config(TeacherCacheConfig, None, ["cache.method=sampling"]).model_dump(mode="json")  # with tail_samples: 8
+    sampling = TeacherCacheConfig.model_validate(dumped).cache  # a written config loads again
+    assert sampling.method == "sampling" and "tail_samples" not in tc.cache_size(sampling)  # and its draws ignore the key
 
 
 def test_kd_trains_from_the_cache_without_the_teacher(tiny_model, topk_cache, tmp_path, monkeypatch):

@@ -46,7 +46,13 @@ def held_out_added(old: list[dict], new: list[dict]) -> bool:
     return all(by_name.get(h["name"]) == h for h in old)
 
 
-MAY_GROW = {"held_out": held_out_added}  # for `check_config`: what may change in a rerun besides `stats.*`, `dispatch.*`
+MAY_GROW = {"held_out": held_out_added}  # for `check_config`: what may change in a rerun besides `may_change`
+
+
+def may_change(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Keys a rerun may change: the statistics (recomputed), the dispatch, and the cache settings of a grid
+    that builds no teacher cache."""
+    return ("stats.", "dispatch.", *(() if cfg.grid.teacher_cache else ("distill.cache.",)))
 
 
 def vocabularies(cfg: ExperimentConfig) -> dict[str, bool]:
@@ -114,7 +120,7 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
     from distillqa.train.sft import run_sft
 
     from distillqa.train.heal import run_heal
-    from distillqa.train.teacher_cache import run_teacher_cache
+    from distillqa.train.teacher_cache import cache_finished, run_teacher_cache
 
     shared = dict(data=cfg.data, prompt=cfg.prompt)
     student = cfg.grid.student
@@ -179,7 +185,7 @@ def plan_stages(cfg: ExperimentConfig, exp: Path, rows: list[Row]) -> list[tuple
                 path = exp / teacher_cache_dir(*key)
                 cache_cfg = TeacherCacheConfig(teacher=ModelConfig(name=teacher_model(exp, *key)), cache=cfg.distill.cache,
                                                output_dir=str(path), **shared)
-                caches[key] = path, Stage(f"teacher cache {path.relative_to(exp)}", (path / "manifest.json").is_file,
+                caches[key] = path, Stage(f"teacher cache {path.relative_to(exp)}", partial(cache_finished, path, cfg.distill.cache),
                                           partial(run_teacher_cache, cache_cfg), teacher_ready(*key))
                 sft_stages.append(caches[key][1])
 
@@ -261,7 +267,7 @@ def run_experiment(cfg: ExperimentConfig, echo: Callable[[str], None] | None = N
     rows = plan_rows(cfg, vocabularies(cfg))  # an invalid grid fails here, before the directory is claimed
     hypotheses = plan_hypotheses(cfg, rows)
     with experiment_lock(exp):
-        check_config(exp, cfg, mutable=("stats.", "dispatch."), may_grow=MAY_GROW)
+        check_config(exp, cfg, mutable=may_change(cfg), may_grow=MAY_GROW)
         write_json(exp / "plan.json", {"rows": [{"name": r.name, "kind": r.kind, "factors": r.factors} for r in rows],
                                        "hypotheses": [asdict(h) for h in hypotheses]})
         plan = plan_stages(cfg, exp, rows)

@@ -3,6 +3,7 @@ references or (`kd.lmbda` > 0) on the student's own answers."""
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from distillqa.train.sft import encode_split
 from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split
 
 SAME_VOCAB = ("vanilla", "dskd")
+
+log = logging.getLogger(__name__)
 
 
 def make_loss_terms(cfg: KDConfig) -> LossTerms:
@@ -64,6 +67,11 @@ def cached_objective(cfg: KDConfig, cache: TeacherCache) -> CachedKD:
     terms, manifest = make_loss_terms(cfg), cache.manifest
     if manifest["method"] == "topk":
         if manifest.get("tail_samples"):  # forward KL from every column, unbiased; the rest from the kept tokens
+            if other := cfg.divergence_names() - {"forward_kl"}:
+                log.warning("kd.teacher_cache: %s read only the cache's %d kept tokens and its tail mass (biased low); "
+                            "the tail draws serve forward_kl. For them a plain top-k cache of the same size: "
+                            "cache.k=%d, cache.tail_samples=0", ", ".join(sorted(other)), manifest["k"],
+                            manifest["k"] + manifest["tail_samples"])
             return CachedKD(terms, [SampledKL() if isinstance(d, ForwardKL) else TopKTail(d, kept=manifest["k"])
                                     for d in terms.divergences], cfg.chunk_size)
         return CachedKD(terms, [TopKTail(d) for d in terms.divergences], cfg.chunk_size)

@@ -3,7 +3,8 @@ that vanilla KD trains without loading it (`kd.teacher_cache`).
 
     CACHE/
       plan.json                   what is cached (teacher, tokenizer and dataset hashes, prompt, method,
-                                  k or samples, dtype, shards): written first, a rerun must match it
+                                  `cache_size`: k, tail_samples and seed, or samples and seed; dtype,
+                                  shards): written first, a rerun must match it
       shards/NNNNN.safetensors    examples [start, end) of the encoded training split: `offsets`
                                   int32 [n + 1] (answer-token rows per example), `ids` int32 and `logp`
                                   (log-softmax at temperature 1, in `dtype`) [T, k], and `log_tail` [T] in
@@ -14,7 +15,7 @@ that vanilla KD trains without loading it (`kd.teacher_cache`).
                                   so its presence means the cache is complete
 
 Shards are written atomically one by one; a killed run, started again, writes only the missing
-ones and ends with the same bytes (sampling draws come from a generator seeded per example).
+ones and ends with the same bytes (draws come from a generator seeded per example).
 The answer-token rows of an example are its positions that predict answer tokens, in order: the
 rows `objectives.answer_states` gives for it.
 """
@@ -64,14 +65,30 @@ def encode_train_split(cfg_data, cfg_prompt, tok) -> list[Encoded]:
     return [e for e in map(builder.encode_train, load_splits(cfg_data)[0]["train"]) if e is not None]
 
 
-def cache_plan(teacher: str, tok, prompt, data, examples: list[Encoded], settings: CacheSettings) -> dict:
+def cache_size(settings: CacheSettings) -> dict:
+    """What of `settings` decides a cache's contents, as its plan records it."""
     if settings.method == "sampling":
         size = {"samples": settings.samples, "seed": settings.seed}
     else:  # a plain top-k cache's plan names no draws, so caches built before tail_samples existed still match
         size = {"k": settings.k, **({"tail_samples": settings.tail_samples, "seed": settings.seed} if settings.tail_samples else {})}
+    return {"method": settings.method, **size, "dtype": settings.dtype}
+
+
+def cache_finished(path: Path, settings: CacheSettings) -> bool:
+    """Whether `path` holds a finished cache made with `settings` (one made with others is not: building it
+    again refuses, naming what differs)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    size = cache_size(settings)
+    return all(manifest.get(k) == size.get(k) for k in ("method", "k", "tail_samples", "samples", "seed", "dtype"))
+
+
+def cache_plan(teacher: str, tok, prompt, data, examples: list[Encoded], settings: CacheSettings) -> dict:
     return {"format": FORMAT, "teacher": teacher, "tokenizer_hash": tokenizer_hash(tok), "dataset_hash": dataset_hash(examples),
-            "prompt": prompt.model_dump(mode="json"), "data": data.model_dump(mode="json"), "method": settings.method,
-            **size, "dtype": settings.dtype, "examples": len(examples), "shard_examples": settings.shard_examples}
+            "prompt": prompt.model_dump(mode="json"), "data": data.model_dump(mode="json"), **cache_size(settings),
+            "examples": len(examples), "shard_examples": settings.shard_examples}
 
 
 def sha256_file(path: Path) -> str:
@@ -93,9 +110,6 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> Path:
                         "tokens) even without its context; raise prompt.max_length")
     if cfg.cache.method == "topk" and cfg.cache.k > len(tok):
         raise ConfigError(f"cache.k: {cfg.cache.k} is more than the teacher's {len(tok)} tokens")
-    if cfg.cache.method == "topk" and cfg.cache.tail_samples and cfg.cache.k >= len(tok):
-        raise ConfigError(f"cache.tail_samples: cache.k={cfg.cache.k} keeps every one of the teacher's {len(tok)} tokens, "
-                          "so there is no tail to draw from; set cache.tail_samples=0")
     out, plan = Path(cfg.output_dir), cache_plan(cfg.teacher.name, tok, cfg.prompt, cfg.data, examples, cfg.cache)
     check_claimed_dir(out, "plan.json", "teacher cache")
     with file_lock(out / ".lock"):  # a second builder waits, then finds the shards written
@@ -110,6 +124,9 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> Path:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher.to(device)
         vocab = teacher.get_output_embeddings().weight.shape[0]
+        if cfg.cache.method == "topk" and cfg.cache.tail_samples and cfg.cache.k >= vocab:
+            raise ConfigError(f"cache.tail_samples: cache.k={cfg.cache.k} keeps every one of the teacher's {vocab} "
+                              "output tokens, so there is no tail to draw from; set cache.tail_samples=0")
         write_json(out / "plan.json", plan)
         starts = range(0, len(examples), cfg.cache.shard_examples)
         shards = [(i, a, min(a + cfg.cache.shard_examples, len(examples))) for i, a in enumerate(starts)]
