@@ -30,7 +30,7 @@ from distillqa.train.onpolicy import OnPolicyKD
 from distillqa.train.run_dir import RunDir, save_final
 from distillqa.train.shards import full_tensors
 from distillqa.train.sft import encode_split
-from distillqa.train.teacher_cache import TeacherCache, collate_cached, encode_train_split
+from distillqa.train.teacher_cache import SIZE_KEYS, TeacherCache, collate_cached, encode_train_split
 
 SAME_VOCAB = ("vanilla", "dskd")
 
@@ -146,7 +146,7 @@ def run_distill_cached(cfg: DistillConfig, resume: bool) -> Path:
     run = open_run(cfg, resume, report, len(examples), len(splits["train"]) - len(examples))
     if run.finished:
         return run.path
-    run.update(teacher_cache={k: cache.manifest.get(k) for k in ("method", "k", "tail_samples", "samples", "dtype", "dataset_hash")})
+    run.update(teacher_cache={k: cache.manifest.get(k) for k in (*SIZE_KEYS, "dataset_hash")})
     torch.manual_seed(cfg.train.seed)
     student = load_student(cfg)
     width = student.get_output_embeddings().weight.shape[0]

@@ -42,6 +42,7 @@ from distillqa.train.objectives import answer_states, project_to_vocab
 FORMAT = 1
 ROWS_AT_ONCE = 64  # answer-token rows projected to the vocabulary at a time
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SIZE_KEYS = ("method", "k", "tail_samples", "samples", "seed", "dtype")  # every key `cache_size` may write
 
 
 def sha256_json(obj) -> str:
@@ -82,7 +83,7 @@ def cache_finished(path: Path, settings: CacheSettings) -> bool:
     except (OSError, ValueError):
         return False
     size = cache_size(settings)
-    return all(manifest.get(k) == size.get(k) for k in ("method", "k", "tail_samples", "samples", "seed", "dtype"))
+    return all(manifest.get(k) == size.get(k) for k in SIZE_KEYS)
 
 
 def cache_plan(teacher: str, tok, prompt, data, examples: list[Encoded], settings: CacheSettings) -> dict:
